@@ -1,0 +1,60 @@
+"""The persona world's judge: ground-truth measurements of model samples.
+
+Everything here reads text through `language.parse_response`, so it applies to any sample of any model. The
+world's tables (`world.load_world`) give the truth: each character's facts, each query's slot.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from alignment import language as lang
+from alignment import people
+
+
+def facts_of(character: dict) -> list[tuple[str, str]]:
+    return [(s["slot"], s["value"]) for s in character["statements"]]
+
+
+def eval_prompts(world: dict, n: int, seed: int, *, characters: str | None = None, rag_k: int = 4):
+    """`n` held-out (test-split) slot queries with the relevant statement in a k-statement system prompt.
+
+    Returns a list of (query, character, messages). `characters` restricts to one character split.
+    """
+    from alignment.world import rag_statements
+
+    rng = np.random.default_rng(seed)
+    chars = {c["character_id"]: c for c in world["characters"] if characters in (None, c["split"])}
+    pool = [q for q in world["queries"] if q["split"] == "test" and q["slot"] and q["character_id"] in chars]
+    picked = [pool[i] for i in rng.choice(len(pool), size=min(n, len(pool)), replace=False)]
+    out = []
+    for q in picked:
+        c = chars[q["character_id"]]
+        system = rag_statements(rng, c["statements"], q["slot"], rag_k)
+        out.append((q, c, [{"role": "system", "content": system}, {"role": "user", "content": q["text"]}]))
+    return out
+
+
+def response_quality(examples, responses: list[str]) -> dict:
+    """Oracle summary of one response per (query, character, messages) example.
+
+    valid: parses as a world sentence; answered: asserts the character's true value of the asked slot;
+    contradicted: asserts a value that contradicts one of the character's statements; top_profile_share: the share
+    of valid samples in the most common attribute profile (low = the samples spread across styles).
+    """
+    valid = answered = contradicted = 0
+    profiles = Counter()
+    for (q, c, _), text in zip(examples, responses, strict=True):
+        parse = lang.parse_response(text)
+        if parse is None:
+            continue
+        valid += 1
+        profiles[lang.profile(parse.style)] += 1
+        score = people.quality(facts_of(c), q["slot"], parse.fact)
+        answered += score == 1.0
+        contradicted += score == -1.0
+    n = len(responses)
+    return {"samples": n, "valid": valid / n, "answered": answered / n, "contradicted": contradicted / n,
+            "profiles": len(profiles), "top_profile_share": max(profiles.values()) / max(valid, 1) if valid else 1.0}

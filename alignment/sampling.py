@@ -1,0 +1,49 @@
+"""Chat prompts in, sampled responses out: the one place policies are rendered, tokenized and sampled.
+
+Used by SFT evaluation, APC-DPO pair construction and every evaluation, so that all of them see the same prompt
+text. Generation goes through transformers `model.generate` (left padding, KV cache).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """The chat-template text of `messages` followed by the assistant header (no special tokens added twice)."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_example(tokenizer, messages: list[dict], response: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids + EOS), tokenized separately so the boundary never merges."""
+    prompt = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt, response_ids
+
+
+@torch.inference_mode()
+def sample_responses(model, tokenizer, prompts: list[list[dict]], *, n: int = 1, temperature: float = 1.0,
+                     max_new_tokens: int = 96, batch_size: int = 64, seed: int = 0) -> list[list[str]]:
+    """Sample `n` responses per chat prompt; returns one list of `n` decoded strings per prompt.
+
+    temperature 0 means greedy. Sampling is plain ancestral sampling (no top-k / top-p), seeded per call.
+    """
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    texts = [render_prompt(tokenizer, p) for p in prompts for _ in range(n)]
+    out: list[str] = []
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(model.device)
+            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
+                else {"do_sample": False}
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **sampling)
+            out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return [[t.strip() for t in out[i * n:(i + 1) * n]] for i in range(len(prompts))]

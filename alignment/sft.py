@@ -1,0 +1,185 @@
+"""Supervised fine-tuning on persona-world dialogues: the base policy every later stage starts from.
+
+    python -m alignment.sft config=sft_world.yaml                  # tiny Llama from scratch, ~4 min on 2 CPU cores
+    python -m alignment.sft model.preset=null model.name_or_path=<hf model or dir> lr=2e-5
+
+Data: the world's `dialogues` (system turn = RAG persona statements, sometimes with a user's stated preferences;
+user turn = a query; assistant turn = a world response in a mix of styles). The loss is next-token cross-entropy
+on response tokens only (DESIGN.md: with the loss on responses the copy-the-slot-value skill appears after ~1,000
+steps instead of ~2,000). Any Hugging Face causal LM trains through the same loop with its own tokenizer and chat
+template; the tiny default is a Llama built from config for the world tokenizer.
+
+The run ends with a quality summary by the world's oracle on held-out queries, sampled at temperature 1: how many
+samples parse as world sentences, how many answer the asked slot with the statement in context, and how spread
+the samples are across attribute profiles (results.json). The trained policy is `ckpt/step_*/model` (HF format).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from alignment.config import ModelConfig
+from alignment.world import WorldSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig:
+    seed: int = 0
+    name: str | None = None  # run name; default sft-<timestamp>
+    resume: bool = False  # continue the run `name` from its last checkpoint
+    runs_dir: str = "runs"
+    world: WorldSpec = field(default_factory=WorldSpec)  # built and cached under runs/cache/ if missing
+    data: str | None = None  # an existing world directory to train on instead of `world`
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        preset="llama", hidden_size=128, num_layers=3, num_heads=4, intermediate_size=384, max_positions=256))
+    steps: int = 2500
+    batch_size: int = 32
+    lr: float = 3e-3  # peak; linear warmup then cosine decay to 10%
+    warmup: int = 100
+    weight_decay: float = 0.0
+    max_length: int = 256  # longer examples are dropped (and counted)
+    checkpoint_every: int = 500
+    log_every: int = 50
+    eval_samples: int = 256  # held-out queries sampled at temperature 1 for the closing summary
+    max_new_tokens: int = 96
+
+
+def load_dialogues(cfg: SFTConfig) -> tuple[Path, dict]:
+    from alignment.world import load_world, world_artifact
+
+    path = Path(cfg.data) if cfg.data else world_artifact(cfg.world, cfg.runs_dir)
+    return path, load_world(path)
+
+
+def encode(tokenizer, dialogues: list[dict], max_length: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Tokenized (prompt ids, response ids + EOS) pairs; examples longer than max_length are dropped and counted."""
+    from alignment.sampling import encode_example
+
+    examples = [encode_example(tokenizer, d["prompt"], d["response"]) for d in dialogues]
+    kept = [e for e in examples if len(e[0]) + len(e[1]) <= max_length]
+    return kept, len(examples) - len(kept)
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids/attention_mask (B, T) and labels (B, T) with -100 on prompt and padding."""
+    T = max(len(p) + len(r) for p, r in examples)
+    ids = torch.full((len(examples), T), pad_id)
+    labels = torch.full((len(examples), T), -100)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, (p, r) in enumerate(examples):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r)
+        labels[i, len(p):n] = torch.tensor(r)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lr_lambda(warmup: int, steps: int):
+    """Linear warmup to 1, cosine decay to 0.1 at `steps`."""
+    import math
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def evaluate_policy(model, tokenizer, world: dict, n: int, seed: int, max_new_tokens: int) -> dict:
+    """Oracle quality of samples at temperature 1 on held-out queries, relevant statement in context."""
+    from alignment.oracle import eval_prompts, response_quality
+    from alignment.sampling import sample_responses
+
+    examples = eval_prompts(world, n, seed)
+    responses = sample_responses(model, tokenizer, [m for _, _, m in examples], temperature=1.0,
+                                 max_new_tokens=max_new_tokens, seed=seed)
+    return response_quality(examples, [r[0] for r in responses])
+
+
+def main(cfg: SFTConfig) -> Path:
+    from tqdm.auto import tqdm
+
+    from alignment.models import load_causal_lm, load_tokenizer
+    from alignment.runs import Run, seed_everything
+
+    # --- setup
+    run = Run.start(cfg, "sft", runs_dir=cfg.runs_dir, name=cfg.name, resume=cfg.resume)
+    seed_everything(cfg.seed)
+    world_path, world = load_dialogues(cfg)
+    run.add_meta("data", {"world": str(world_path)})
+    tokenizer = load_tokenizer(cfg.model.name_or_path or world_path / "tokenizer")
+    model = load_causal_lm(cfg.model, tokenizer)
+    log.info("policy: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+
+    # --- data
+    examples, dropped = encode(tokenizer, world["dialogues"], cfg.max_length)
+    run.add_meta("examples", {"kept": len(examples), "dropped_too_long": dropped})
+
+    # --- optimizer, schedule, data order (a seeded generator, checkpointed so resume continues the same order)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup, cfg.steps))
+    order = torch.Generator().manual_seed(cfg.seed)
+    state = run.load_checkpoint(model, optimizer, scheduler, generators={"order": order}) if cfg.resume else None
+    start = state["step"] if state else 0
+
+    # --- loop
+    model.train()
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.steps), desc="sft", initial=start, total=cfg.steps)
+    for step in bar:
+        idx = torch.randint(len(examples), (cfg.batch_size,), generator=order).tolist()
+        batch = {k: v.to(model.device) for k, v in collate([examples[i] for i in idx], tokenizer.pad_token_id).items()}
+        loss = model(**batch).loss
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % cfg.log_every == 0:
+            run.log(step + 1, loss=loss.item(), grad_norm=grad_norm.item(), lr=scheduler.get_last_lr()[0])
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            run.save_checkpoint(step + 1, model, optimizer, scheduler, {"order": order}, tokenizer=tokenizer)
+    train_seconds = time.time() - t0
+
+    # --- closing summary by the oracle
+    quality = evaluate_policy(model, tokenizer, world, cfg.eval_samples, cfg.seed, cfg.max_new_tokens)
+    quality["train_seconds"] = train_seconds
+    run.log(cfg.steps, **{f"eval/{k}": v for k, v in quality.items()})
+    print(f"sft: {cfg.steps} steps in {train_seconds:.0f}s; held-out samples at T=1: {quality['valid']:.1%} valid, "
+          f"{quality['answered']:.1%} answer the asked slot, {quality['contradicted']:.1%} contradict, "
+          f"{quality['profiles']} profiles (largest {quality['top_profile_share']:.1%})")
+    run.finish({"oracle": quality, "policy": str(final_model(run.dir))})
+    return run.dir
+
+
+def policy_artifact(cfg: SFTConfig) -> Path:
+    """The SFT policy for a config, trained once and cached under runs/cache/sft-<hash>/ (the training run is kept
+    inside it as `run/`); run fields (name, resume, runs_dir) do not enter the key."""
+    from alignment.cache import cached_artifact
+    from alignment.world import world_artifact
+
+    world = cfg.data or str(world_artifact(cfg.world, cfg.runs_dir))
+    key = replace(cfg, name=None, resume=False, runs_dir="")
+    build = lambda out: main(replace(cfg, data=world, runs_dir=str(out), name="run", resume=False))
+    artifact = cached_artifact("sft", key, build, runs_dir=cfg.runs_dir)
+    return final_model(artifact / "run")
+
+
+def final_model(run_dir: Path) -> Path:
+    """The HF model directory of a finished training run's last checkpoint."""
+    return Path(run_dir) / "ckpt" / (Path(run_dir) / "ckpt" / "latest").read_text().strip() / "model"
+
+
+if __name__ == "__main__":
+    from alignment.config import run_cli
+
+    run_cli(SFTConfig, main)

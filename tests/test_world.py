@@ -1,0 +1,185 @@
+"""The persona world: grammar round trip, parser rejects non-sentences, oracle labels, users, splits, determinism."""
+
+import dataclasses
+import filecmp
+
+import numpy as np
+import pytest
+
+from alignment import language as lang
+from alignment import people
+from alignment.world import WorldSpec, build_world, load_world, rag_statements
+
+SMALL = WorldSpec(seed=3, characters=24, users=[20, 5, 10], train_pairs=8, context_pairs=4, target_pairs=6,
+                  dialogues=300)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    path = tmp_path_factory.mktemp("world")
+    build_world(SMALL, path)
+    return load_world(path)
+
+
+def random_responses(n, seed=0):
+    rng = np.random.default_rng(seed)
+    facts = people.make_character(rng, 30)
+    out = []
+    for _ in range(n):
+        fact, neutral = people.sample_content(rng, facts, facts[1][0], (0.4, 0.2, 0.2, 0.2))
+        style = people.sample_style(rng, 0.5)
+        out.append((fact, style, lang.render_response(fact, neutral, style)))
+    return out
+
+
+def test_parse_recovers_fact_and_style_of_every_rendered_response():
+    for fact, style, text in random_responses(500):
+        parse = lang.parse_response(text)
+        assert parse is not None, text
+        assert parse.fact == fact
+        # formality is only visible through a greeting or closing
+        assert parse.style == (style if (style.greeting or style.closing) else dataclasses.replace(style, formality=0))
+
+
+def test_parser_rejects_shuffled_and_corrupted_text():
+    rng = np.random.default_rng(1)
+    shuffled = corrupted = 0
+    for _, _, text in random_responses(300):
+        words = text.split()
+        perm = rng.permutation(len(words))
+        if [words[i] for i in perm] != words:
+            shuffled += 1
+            assert lang.parse_response(" ".join(words[i] for i in perm)) is None
+        j = int(rng.integers(len(words)))
+        assert lang.parse_response(" ".join(words[:j] + ["banana"] + words[j + 1:])) is None  # unknown word
+        dropped = " ".join(words[:j] + words[j + 1:])
+        corrupted += lang.parse_response(dropped) is None
+    assert shuffled > 250
+    assert corrupted == 300  # every word is load-bearing: dropping any one breaks the sentence
+
+
+def test_parser_rejects_grammar_violations():
+    ok = "good day . i live in lyon . kind regards ."
+    assert lang.parse_response(ok) is not None
+    assert lang.parse_response("good day . i live in lyon . cheers .") is None  # mixed formality
+    assert lang.parse_response("i live in lyon . i live in rome .") is None  # two content clauses
+    assert lang.parse_response("i live in lyon !  good day .") is None  # mixed terminators, greeting last
+    assert lang.parse_response("first , i live in lyon . third , i think about it a lot .") is None  # ordinal gap
+    assert lang.parse_response("i live in lyon") is None  # no terminator
+    assert lang.parse_response("") is None
+
+
+def test_oracle_labels_worked_examples():
+    parse = lang.parse_response("hey ! i live in lyon ! cheers !")
+    assert lang.nli_label(("home", "lyon"), parse.fact) == "entailed"
+    assert lang.nli_label(("home", "rome"), parse.fact) == "contradicted"
+    assert lang.nli_label(("job", "baker"), parse.fact) == "neutral"
+    assert lang.nli_label(("opinion:rain", "like"), ("opinion:rain", "dislike")) == "contradicted"
+    assert lang.relevant("home", "home") and not lang.relevant("home", "job") and not lang.relevant("home", None)
+    # attributes: formality (+1 greeting, +1 closing) / 2 = -1 informal, enthusiasm 1, no other style
+    np.testing.assert_array_equal(lang.attribute_vector(parse.style), [0, -1, 1, 0, 0, 0, 0])
+
+
+def test_true_reward_worked_number_and_invalid_text():
+    facts = [("name", "anna"), ("home", "lyon")]
+    w = np.array([1.0, 0.0, 0.0, -2.0, 0.5, 0.0, 0.0])
+    text = "i understand how you feel . i live in lyon . it is not . "
+    assert people.true_reward(w, 1.0, facts, "home", text) == people.INVALID_REWARD
+    text = "i understand how you feel . i live in lyon . i think about it a lot . ha that reminds me of a funny joke ."
+    # length 1/3 * 1 + humour 1 * -2 + empathy 1 * 0.5 + quality (true answer) 1 * 1.0
+    assert people.true_reward(w, 1.0, facts, "home", text) == pytest.approx(1 / 3 - 2 + 0.5 + 1)
+    contradicting = "i live in rome ."
+    assert people.true_reward(w, 1.0, facts, "home", contradicting) == pytest.approx(-1.0)
+
+
+def test_persona_text_states_salient_preferences_and_fidelity_drops_them():
+    rng = np.random.default_rng(0)
+    w = np.array([2.0, -1.5, 0.1, 0.0, 0.8, -0.2, 0.0])
+    full = people.persona_text(rng, w, people.PopulationConfig(fidelity=1.0, salient=0.5))
+    np.testing.assert_array_equal(people.stated_preferences(full), [1, -1, 0, 0, 1, 0, 0])
+    assert full.startswith("the user likes long answers .")  # strongest first
+    none = people.persona_text(rng, w, people.PopulationConfig(fidelity=0.0))
+    assert none == "the user has no stated preferences ."
+
+
+def test_world_meets_its_spec(world):
+    chars = world["characters"]
+    assert len(chars) >= 24
+    assert all(8 <= len(c["statements"]) <= 60 for c in chars)
+    assert len({s["slot"].split(":")[0] for c in chars for s in c["statements"]}) >= 10
+    by_slot = {}
+    for q in world["queries"]:
+        by_slot.setdefault((q["character_id"], q["slot"]), set()).add(q["text"])
+    assert min(len(v) for v in by_slot.values()) >= 3
+    assert any(q["slot"] is None for q in world["queries"])
+    assert lang.K >= 6
+
+
+def test_splits_are_user_and_prompt_disjoint(world):
+    split_of_user = {u["user_id"]: u["split"] for u in world["users"]}
+    split_of_query = {q["query_id"]: q["split"] for q in world["queries"]}
+    for p in world["pairs"]:
+        user_split, part = p["split"].rsplit("_", 1)
+        assert split_of_user[p["user_id"]] == user_split
+        assert split_of_query[p["prompt_id"]] == ("train" if part == "context" else "test")
+    train_q = {q["text"] + q["character_id"] for q in world["queries"] if q["split"] == "train"}
+    test_q = {q["text"] + q["character_id"] for q in world["queries"] if q["split"] == "test"}
+    assert not train_q & test_q
+    dialogue_queries = {d["query_id"] for d in world["dialogues"]}
+    assert all(split_of_query[q] == "train" for q in dialogue_queries)
+
+
+def test_pairs_labels_follow_bradley_terry_of_the_true_reward(world):
+    users = {u["user_id"]: u for u in world["users"]}
+    facts = {c["character_id"]: [(s["slot"], s["value"]) for s in c["statements"]] for c in world["characters"]}
+    queries = {q["query_id"]: q for q in world["queries"]}
+    for p in world["pairs"][:50]:
+        u, q = users[p["user_id"]], queries[p["prompt_id"]]
+        r = people.true_reward(np.array(u["weights"]), SMALL.population.quality, facts[q["character_id"]], q["slot"],
+                               p["chosen"])
+        assert r == pytest.approx(p["chosen_reward"])
+    # with beta ~ 4 most labels agree with the true reward ordering, not all (labels are noisy by design)
+    agree = np.mean([p["chosen_reward"] >= p["rejected_reward"] for p in world["pairs"]])
+    assert 0.7 < agree < 1.0
+
+
+def test_dialogue_responses_are_valid_and_spread_across_profiles(world):
+    profiles = [lang.profile(lang.parse_response(d["response"]).style) for d in world["dialogues"]]
+    _, counts = np.unique(profiles, return_counts=True)
+    assert counts.max() / counts.sum() < 0.5
+
+
+def test_rag_statements_contain_the_relevant_one():
+    rng = np.random.default_rng(0)
+    statements = [{"slot": s, "value": v, "text": lang.statement_text(s, v)}
+                  for s, v in people.make_character(rng, 20)]
+    text = rag_statements(rng, statements, statements[3]["slot"], 4)
+    assert statements[3]["text"] in text and text.count(" .") == 4
+
+
+def test_same_seed_gives_byte_identical_world_and_other_seed_differs(tmp_path):
+    spec = dataclasses.replace(SMALL, characters=24, dialogues=50, users=[6, 2, 2])
+    build_world(spec, tmp_path / "a")
+    build_world(spec, tmp_path / "b")
+    build_world(dataclasses.replace(spec, seed=4), tmp_path / "c")
+
+    def same(x, y):
+        cmp = filecmp.dircmp(x, y)
+        return not (cmp.diff_files or cmp.left_only or cmp.right_only or cmp.funny_files) and all(
+            same(x / d, y / d) for d in cmp.common_dirs)
+    assert same(tmp_path / "a", tmp_path / "b")
+    assert not same(tmp_path / "a", tmp_path / "c")
+
+
+def test_tokenizer_covers_the_grammar_and_renders_the_chat_template(world):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(world["path"] / "tokenizer"))
+    unk = tok.unk_token_id
+    ids = tok(" ".join(lang.vocabulary()), add_special_tokens=False)["input_ids"]
+    assert unk not in ids
+    messages = [{"role": "system", "content": "i live in lyon ."}, {"role": "user", "content": "where do you live ?"}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == "<|system|> i live in lyon . <|end|> <|user|> where do you live ? <|end|> <|assistant|> "
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text.strip()
+    assert tok.eos_token == "<|end|>" and tok.pad_token == "<pad>" and tok.pad_token_id != tok.eos_token_id
