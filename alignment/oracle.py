@@ -58,3 +58,20 @@ def response_quality(examples, responses: list[str]) -> dict:
     n = len(responses)
     return {"samples": n, "valid": valid / n, "answered": answered / n, "contradicted": contradicted / n,
             "profiles": len(profiles), "top_profile_share": max(profiles.values()) / max(valid, 1) if valid else 1.0}
+
+
+def oracle_apc(character: dict, query_slot: str | None, text: str) -> tuple[float, float]:
+    """(V_APC, ΔAPC) with the oracle's 0/1 relevance and NLI in place of the discriminators (APC eq. 3-6).
+
+    Text that does not parse asserts nothing: it entails and contradicts no statement, like a neutral response.
+    """
+    parse = lang.parse_response(text)
+    fact = parse.fact if parse else None
+    v = delta = 0.0
+    for s in character["statements"]:
+        g = float(lang.relevant(s["slot"], query_slot))
+        label = lang.nli_label((s["slot"], s["value"]), fact)
+        ent, con = float(label == "entailed"), float(label == "contradicted")
+        v += g * ent + (1 - g) * (1 - con)
+        delta += g * ent - (1 - g) * con
+    return v, delta

@@ -132,7 +132,9 @@ def make_pairs(rng, cfg: WorldSpec, users, queries, characters) -> list[dict]:
             for j in rng.choice(len(pool[query_split]), size=n, replace=False):
                 q = pool[query_split][j]
                 f = facts[q["character_id"]]
-                a, b = (sample_response(rng, f, q["slot"], cfg, style_p=0.5) for _ in range(2))
+                a = b = sample_response(rng, f, q["slot"], cfg, style_p=0.5)
+                while b == a:  # a pair of identical texts carries no preference
+                    b = sample_response(rng, f, q["slot"], cfg, style_p=0.5)
                 ra, rb = (people.true_reward(w, cfg.population.quality, f, q["slot"], t) for t in (a, b))
                 a_wins = rng.random() < people.bt_probability(u["temperature"], ra, rb)
                 system = rag_statements(rng, statements[q["character_id"]], q["slot"], cfg.rag_k)

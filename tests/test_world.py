@@ -183,3 +183,13 @@ def test_tokenizer_covers_the_grammar_and_renders_the_chat_template(world):
     assert text == "<|system|> i live in lyon . <|end|> <|user|> where do you live ? <|end|> <|assistant|> "
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text.strip()
     assert tok.eos_token == "<|end|>" and tok.pad_token == "<pad>" and tok.pad_token_id != tok.eos_token_id
+
+
+def test_world_tables_validate_as_records(world):
+    from datasets import Dataset
+
+    from alignment.records import Character, PreferencePair, Query, User, from_dataset
+
+    for name, record in (("characters", Character), ("queries", Query), ("users", User), ("pairs", PreferencePair)):
+        assert len(from_dataset(Dataset.from_list(world[name]), record, name)) == len(world[name])
+    assert all(p["chosen"] != p["rejected"] for p in world["pairs"])
