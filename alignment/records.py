@@ -164,6 +164,9 @@ class PreferencePair:
     rejected_reward: the same for `rejected`.
     split:           the source's split when it assigns one ("train" / "test" for FSPO data; the world
                      writes "<user split>_<context|target>"), else None.
+    votes:           [w_cr, w_rc]: evidence for chosen over rejected and for rejected over chosen, when
+                     the label is soft (APC-DPO: the relevance-weighted statement votes of APC eq. 9,
+                     see alignment/losses.py), else None.
     """
 
     user_id: str
@@ -174,6 +177,7 @@ class PreferencePair:
     chosen_reward: float | None = None
     rejected_reward: float | None = None
     split: str | None = None
+    votes: list[float] | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -114,7 +114,7 @@ def main(cfg: SFTConfig) -> Path:
     run = Run.start(cfg, "sft", runs_dir=cfg.runs_dir, name=cfg.name, resume=cfg.resume)
     seed_everything(cfg.seed)
     world_path, world = load_dialogues(cfg)
-    run.add_meta("data", {"world": str(world_path)})
+    run.add_meta("world", str(world_path))
     tokenizer = load_tokenizer(cfg.model.name_or_path or world_path / "tokenizer")
     model = load_causal_lm(cfg.model, tokenizer)
     log.info("policy: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
