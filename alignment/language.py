@@ -87,7 +87,9 @@ OPINION_ITEMS = (
     "dragons", "pirates", "storms", "sunsets", "picnics", "theatres", "circuses", "zoos", "farms", "ships",
     "gadgets", "riddles", "lanterns",
 )
-OPINION_TEMPLATE = {"like": "i like {} .", "dislike": "i dislike {} ."}
+# The item comes first so that answering is a prefix copy ("rain is something i" -> the next word in the persona),
+# the same induction pattern as the single slots, rather than a look-back to the word before the item.
+OPINION_TEMPLATE = {"like": "{} is something i like .", "dislike": "{} is something i dislike ."}
 OPINION_QUERIES = ("do you like {} ?", "how do you feel about {} ?", "what do you think of {} ?")
 
 # Off-topic queries: no persona statement is relevant; the right answer is neutral chit-chat.

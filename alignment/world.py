@@ -37,6 +37,8 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 CHARACTER_SPLITS = ("reward", "evaluator", "holdout")
+# Bumped whenever the grammar or the generator changes what a spec produces: cached worlds are keyed by it too.
+WORLD_FORMAT = 2
 
 
 @dataclass
@@ -288,8 +290,10 @@ def save_table(rows: list[dict], path: Path) -> None:
 
 def build_world(cfg: WorldSpec, out: Path) -> dict:
     """Generate every table, the tokenizer and the statistics into `out`; returns the statistics."""
+    import datasets
     from tqdm.auto import tqdm
 
+    datasets.disable_progress_bars()  # one bar for the whole build, below
     rng = np.random.default_rng(cfg.seed)
     steps = tqdm(total=6, desc="world", unit="step")
     characters = make_characters(rng, cfg)
@@ -329,7 +333,7 @@ def world_artifact(spec: WorldSpec, runs_dir: str = "runs") -> Path:
     """The cached world for a spec (built once under runs/cache/, reused while the spec is unchanged)."""
     from alignment.cache import cached_artifact
 
-    return cached_artifact("world", spec, lambda out: build_world(spec, out), runs_dir=runs_dir)
+    return cached_artifact(f"world-v{WORLD_FORMAT}", spec, lambda out: build_world(spec, out), runs_dir=runs_dir)
 
 
 def main(cfg: WorldConfig) -> Path:

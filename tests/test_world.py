@@ -75,6 +75,7 @@ def test_oracle_labels_worked_examples():
     assert lang.nli_label(("home", "rome"), parse.fact) == "contradicted"
     assert lang.nli_label(("job", "baker"), parse.fact) == "neutral"
     assert lang.nli_label(("opinion:rain", "like"), ("opinion:rain", "dislike")) == "contradicted"
+    assert lang.parse_response("rain is something i dislike .").fact == ("opinion:rain", "dislike")
     assert lang.relevant("home", "home") and not lang.relevant("home", "job") and not lang.relevant("home", None)
     # attributes: formality (+1 greeting, +1 closing) / 2 = -1 informal, enthusiasm 1, no other style
     np.testing.assert_array_equal(lang.attribute_vector(parse.style), [0, -1, 1, 0, 0, 0, 0])
