@@ -1,0 +1,216 @@
+"""Benchmark: the batched APC scorer (rewards/apc.py) against the official one-statement-at-a-time loop.
+
+The loop mirrors score_APC in KomeijiForce/Active_Passive_Constraint_Koishiday_2024 (score.py): for every response,
+for every statement, one unbatched relevance forward and one unbatched NLI forward (2 * S * R forwards), then
+rel[no] * (1 - nli[contradicted]) + rel[yes] * nli[entailed]. Both sides use the same discriminators, the same input
+texts (the paper's templates) and the same device; the scorer's caches are cleared before every timed repeat.
+The two must agree (max |V_APC difference|) before any speedup is printed.
+
+Default discriminators: two 4-layer, 256-wide BERT (or Llama) sequence classifiers built from configs with RANDOM
+weights, and a word-level tokenizer built here; random weights change nothing about the cost of a forward, so the
+timings stand, but the scores themselves mean nothing. Pass --relevance-model/--nli-model for real checkpoints.
+
+    python bench/apc_score.py                                  # |S| = 100, N = 4, CPU, 2 threads
+    python bench/apc_score.py --arch llama --repeats 5
+    python bench/apc_score.py --relevance-model DIR --nli-model DIR \
+        --relevance-labels no,yes --nli-labels contradicted,neutral,entailed   # e.g. the released APC DeBERTas
+
+Ends with one JSON line of its figures.
+
+What to expect (measured on 2 shared CPU cores, 2 threads, defaults): 1.9x and 3.4x with the machine's load average
+near 3, 11.6x near 10. On a CPU one forward of a ~80-token input is already compute-bound, so batching saves mostly
+the 300 repeated relevance forwards (63.2k -> 46.7k tokens) and the per-call overhead; contention inflates that
+overhead for the loop's 800 small forwards far more than for 9 large ones. Per-call overhead dominates on a GPU,
+where the gap should be widest (not measured).
+"""
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+
+from rewards.apc import FORMATS, APCScorer
+
+CHARACTER = "ada"
+# A small world to draw statements, queries and responses from; ~10-word statements, 6-20-word responses.
+SUBJECTS = ["cat", "sister", "brother", "teacher", "garden", "violin", "bakery", "boat", "library", "dog"]
+VERBS = ["likes", "keeps", "visits", "paints", "repairs", "remembers", "sells", "collects", "fears", "shares"]
+PLACES = ["lyon", "paris", "oslo", "lima", "cairo", "kyoto", "quebec", "porto", "dakar", "perth"]
+TIMES = ["every morning", "on sundays", "in winter", "after work", "since childhood", "at night"]
+
+
+def synthetic_persona(n_statements: int, n_responses: int, seed: int = 0) -> tuple[list[str], str, list[str]]:
+    """Statements, one query and responses of varied length, seeded."""
+    rng = random.Random(seed)
+    statements = [f"{CHARACTER} {rng.choice(VERBS)} the {rng.choice(SUBJECTS)} in {rng.choice(PLACES)} "
+                  f"{rng.choice(TIMES)} ." for _ in range(n_statements)]
+    query = f"what do you do with the {rng.choice(SUBJECTS)} {rng.choice(TIMES)} ?"
+    responses = [" ".join(f"i {rng.choice(VERBS)} the {rng.choice(SUBJECTS)} in {rng.choice(PLACES)} ,"
+                          for _ in range(1 + 2 * k)) + " ." for k in range(n_responses)]
+    return statements, query, responses
+
+
+def word_tokenizer(texts: list[str]):
+    """A lowercase word-level tokenizer over `texts`, with BERT-style [CLS] ... [SEP] framing and [PAD] = 0."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w for text in texts for w, _ in pre.pre_tokenize_str(text.lower())})
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]")
+
+
+def random_classifier(arch: str, vocab_size: int, labels: list[str], seed: int):
+    """A 4-layer, 256-wide classifier with random weights (about 3.2M parameters without embeddings)."""
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                  num_attention_heads=4, max_position_embeddings=512, num_labels=len(labels),
+                  id2label=dict(enumerate(labels)))
+    if arch == "bert":
+        return BertForSequenceClassification(BertConfig(**common))
+    return LlamaForSequenceClassification(LlamaConfig(**common, num_key_value_heads=4, pad_token_id=0))
+
+
+def load_classifier(path: str, device: str):
+    """A saved sequence classifier and its tokenizer, in float32 (v5 would otherwise keep the saved dtype)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    return model.to(device), AutoTokenizer.from_pretrained(path)
+
+
+@torch.inference_mode()
+def official_loop(scorer: APCScorer, statements: list[str], query: str, responses: list[str]) -> torch.Tensor:
+    """V_APC per response, one statement and one forward at a time, relevance recomputed per response (R,)."""
+    rel, nli = scorer.relevance, scorer.nli  # same models, tokenizers and label order as the scorer
+
+    def probs(disc, text):
+        args = text if isinstance(text, tuple) else (text,)  # a string or a (text, text_pair) format
+        batch = disc.tokenizer(*args, return_tensors="pt", truncation=True, max_length=scorer.max_length)
+        batch = {k: v.to(disc.model.device) for k, v in batch.items() if k in disc.accepts}
+        return disc.model(**batch).logits[0].float().softmax(-1)[disc.index].cpu()
+
+    totals = []
+    for response in responses:
+        total = torch.zeros(())
+        for s in statements:
+            p_rel = probs(rel, scorer.relevance_text(CHARACTER, s, query))  # [no, yes]
+            p_nli = probs(nli, scorer.nli_text(CHARACTER, s, query, response))  # [contradicted, neutral, entailed]
+            total += p_rel[0] * (1 - p_nli[0]) + p_rel[1] * p_nli[2]
+        totals.append(total)
+    return torch.stack(totals)
+
+
+def batched(scorer: APCScorer, statements: list[str], query: str, responses: list[str]) -> torch.Tensor:
+    scorer.clear_cache()  # time the full work for a new query, not a cache hit
+    return scorer.score(statements, query, responses, character=CHARACTER).v_apc
+
+
+def timed_pair(fns: dict, repeats: int, sync) -> tuple[dict, dict]:
+    """Median wall time of each function over `repeats` rounds, and its last result.
+
+    The functions alternate within each round, so a load spike on a shared machine hits both sides alike.
+    """
+    times, outs = {name: [] for name in fns}, {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            outs[name] = fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, outs
+
+
+def work(fn, models) -> dict:
+    """Run `fn` once, counting the forwards of `models` and the tokens they saw, padding included."""
+    counts = {"forwards": 0, "tokens": 0}
+
+    def hook(module, args, kwargs):
+        counts["forwards"] += 1
+        counts["tokens"] += kwargs["input_ids"].numel()
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in models]
+    fn()
+    for h in handles:
+        h.remove()
+    return counts
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--statements", type=int, default=100)
+    parser.add_argument("--responses", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--arch", choices=["bert", "llama"], default="bert")
+    parser.add_argument("--format", choices=list(FORMATS), default="apc",
+                        help="apc: the paper's templates (~65-120 tokens); pair: (statement, query + response)")
+    parser.add_argument("--relevance-model", help="directory of a real relevance classifier")
+    parser.add_argument("--nli-model", help="directory of a real NLI classifier")
+    parser.add_argument("--relevance-labels", help="comma-separated label per output, for LABEL_0-style heads")
+    parser.add_argument("--nli-labels", help="comma-separated label per output, for LABEL_0-style heads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    statements, query, responses = synthetic_persona(args.statements, args.responses)
+    if args.relevance_model and args.nli_model:
+        rel, rel_tok = load_classifier(args.relevance_model, args.device)
+        nli, nli_tok = load_classifier(args.nli_model, args.device)
+        model_name = f"{args.relevance_model} + {args.nli_model}"
+    else:
+        templates = [FORMATS["apc"][0](CHARACTER, "", ""), FORMATS["apc"][1](CHARACTER, "", "", "")]
+        rel_tok = nli_tok = word_tokenizer([*statements, query, *responses, *templates])
+        rel = random_classifier(args.arch, len(rel_tok), ["no", "yes"], 0).to(args.device)
+        nli = random_classifier(args.arch, len(rel_tok), ["contradicted", "neutral", "entailed"], 1).to(args.device)
+        model_name = f"{args.arch} 4 layers x 256, random weights"
+    labels = [x.split(",") if x else None for x in (args.relevance_labels, args.nli_labels)]
+    scorer = APCScorer(rel, rel_tok, nli, nli_tok, batch_size=args.batch_size, relevance_labels=labels[0],
+                       nli_labels=labels[1], relevance_text=FORMATS[args.format][0], nli_text=FORMATS[args.format][1])
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+    fns = {"batched": lambda: batched(scorer, statements, query, responses),
+           "loop": lambda: official_loop(scorer, statements, query, responses)}
+    # One counted run of each, which also warms up allocations and lazy inits outside the timings.
+    counts = {name: work(fn, [rel, nli]) for name, fn in fns.items()}
+    medians, outs = timed_pair(fns, args.repeats, sync)
+    loop_s, batched_s, v_loop, v_batched = medians["loop"], medians["batched"], outs["loop"], outs["batched"]
+
+    max_abs_diff = (v_batched - v_loop).abs().max().item()
+    print(f"discriminators: {model_name}; {args.format} format; device {args.device}, {args.threads} threads")
+    print(f"|S| = {args.statements} statements, N = {args.responses} responses, median of {args.repeats}")
+    print(f"V_APC loop    {[round(v, 4) for v in v_loop.tolist()]}")
+    print(f"V_APC batched {[round(v, 4) for v in v_batched.tolist()]}")
+    print(f"max |V_APC loop - batched| = {max_abs_diff:.2e}")
+    if max_abs_diff > 1e-4:
+        raise SystemExit(f"the scorers disagree by {max_abs_diff:.2e} > 1e-4; no speedup reported")
+    print(f"loop     {loop_s:8.3f} s  ({counts['loop']['forwards']} forwards, {counts['loop']['tokens']} tokens)")
+    print(f"batched  {batched_s:8.3f} s  ({counts['batched']['forwards']} forwards of up to {args.batch_size} inputs, "
+          f"{counts['batched']['tokens']} tokens with padding)")
+    print(f"speedup  {loop_s / batched_s:8.1f}x")
+    figures = {"bench": "apc_score", "statements": args.statements, "responses": args.responses,
+               "model": model_name, "format": args.format, "device": args.device, "threads": args.threads,
+               "repeats": args.repeats,
+               "loop_s": round(loop_s, 4), "batched_s": round(batched_s, 4),
+               "speedup": round(loop_s / batched_s, 2), "max_abs_diff": max_abs_diff,
+               "loop_forwards": counts["loop"]["forwards"], "batched_forwards": counts["batched"]["forwards"],
+               "loop_tokens": counts["loop"]["tokens"], "batched_tokens": counts["batched"]["tokens"]}
+    print(json.dumps(figures))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
