@@ -38,7 +38,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} 
                  "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 CHARACTER_SPLITS = ("reward", "evaluator", "holdout")
 # Bumped whenever the grammar or the generator changes what a spec produces: cached worlds are keyed by it too.
-WORLD_FORMAT = 2
+WORLD_FORMAT = 3
 
 
 @dataclass
@@ -96,11 +96,13 @@ def make_queries(rng: np.random.Generator, characters: list[dict], test_fraction
 
 
 def rag_statements(rng: np.random.Generator, statements: list[dict], slot: str | None, k: int) -> str:
-    """The oracle's top-k: the relevant statement (if any) plus random others, in random order."""
+    """The oracle's top-k in relevance order, as a retriever ranks them: the relevant statement (if any) first, then
+    random others (all equally irrelevant). A tiny policy learns to read the top statement within its 5-minute
+    SFT budget; copying from a random position did not appear by 1,500 steps (28% answered, measured)."""
     relevant = [s for s in statements if s["slot"] == slot]
     others = [s for s in statements if s["slot"] != slot]
     picked = relevant + [others[i] for i in rng.choice(len(others), size=k - len(relevant), replace=False)]
-    return " ".join(picked[i]["text"] for i in rng.permutation(len(picked)))
+    return " ".join(s["text"] for s in picked)
 
 
 def make_users(rng: np.random.Generator, cfg: WorldSpec) -> list[dict]:
