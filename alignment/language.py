@@ -4,7 +4,7 @@ Everything the persona world knows about text lives here. A *statement* asserts 
 ("i live in lyon ."); a *query* asks about one slot in one of several paraphrases ("where is your home ?");
 a *response* is a sequence of clauses in a fixed order:
 
-    [greeting] [empathy] BODY [closing]
+    [greeting] [empathy] BODY [closing]                  (greeting and closing: formal or casual, independently)
     BODY = content elaboration{0,3} [technical] [joke]     (each BODY clause prefixed "first ,", "second ," ...
                                                           when the response is structured)
 
@@ -118,9 +118,8 @@ K = len(ATTRIBUTES)
 class Style:
     """How a response is dressed: the knobs that realize the K attributes in text."""
 
-    formality: int = 0  # +1 formal greeting/closing, -1 informal, 0 none
-    greeting: bool = False
-    closing: bool = False
+    greeting: int = 0  # +1 formal ("good day"), -1 casual ("hey"), 0 none
+    closing: int = 0  # +1 formal ("kind regards"), -1 casual ("cheers"), 0 none
     empathy: bool = False
     elaborations: int = 0  # 0..3, realizes length
     technical: bool = False
@@ -171,10 +170,10 @@ def render_response(fact: tuple[str, str] | None, neutral: int, style: Style) ->
     body += [JOKE] if style.joke else []
     if style.structure:
         body = [f"{ORDINALS[i]} {clause}" for i, clause in enumerate(body)]
-    clauses = [GREETINGS[style.formality]] if style.greeting else []
+    clauses = [GREETINGS[style.greeting]] if style.greeting else []
     clauses += [EMPATHY] if style.empathy else []
     clauses += body
-    clauses += [CLOSINGS[style.formality]] if style.closing else []
+    clauses += [CLOSINGS[style.closing]] if style.closing else []
     end = "!" if style.exclaim else "."
     return " ".join(f"{c} {end}" for c in clauses)
 
@@ -212,20 +211,20 @@ def parse_response(text: str) -> Parse | None:
     """Parse a response into its content fact and style; None if it is not a valid world sentence.
 
     Validity: clauses in grammar order, one content clause, consistent terminators ("." everywhere or "!"
-    everywhere), ordinals either on every body clause in sequence or on none, greeting and closing of the same
-    formality.
+    everywhere), ordinals either on every body clause in sequence or on none. A greeting and a closing of different
+    registers are allowed (their formality averages to 0): an earlier version rejected them, and they were most of
+    the tiny policy's invalid samples (a dependency across the whole response), for no gain in what the world
+    measures.
     """
     clauses = _split_clauses(text)
     if not clauses or len({end for _, end in clauses}) != 1:
         return None
     words = [c for c, _ in clauses]
-    formality, greeting, closing = 0, False, False
+    greeting = closing = 0
     if words[0] in _GREETING:
-        formality, greeting, words = _GREETING[words[0]], True, words[1:]
+        greeting, words = _GREETING[words[0]], words[1:]
     if words and words[-1] in _CLOSING:
-        if greeting and _CLOSING[words[-1]] != formality:
-            return None
-        formality, closing, words = _CLOSING[words[-1]], True, words[:-1]
+        closing, words = _CLOSING[words[-1]], words[:-1]
     empathy = bool(words) and words[0] == EMPATHY
     body = words[1:] if empathy else words
     structure = bool(body) and body[0].startswith(ORDINALS[0])
@@ -247,7 +246,7 @@ def parse_response(text: str) -> Parse | None:
     rest = rest[1:] if joke else rest
     if rest:
         return None
-    style = Style(formality=formality, greeting=greeting, closing=closing, empathy=empathy,
+    style = Style(greeting=greeting, closing=closing, empathy=empathy,
                   elaborations=elaborations, technical=technical, joke=joke, structure=structure,
                   exclaim=clauses[0][1] == "!")
     return Parse(fact=_CONTENT[body[0]], style=style, n_clauses=len(clauses))
@@ -255,7 +254,7 @@ def parse_response(text: str) -> Parse | None:
 
 def attribute_vector(style: Style) -> np.ndarray:
     """(K,) attribute values in [-1, 1] realized by a style, in the order of ATTRIBUTES."""
-    formality = style.formality * (int(style.greeting) + int(style.closing)) / 2
+    formality = (style.greeting + style.closing) / 2
     return np.array([style.elaborations / len(ELABORATIONS), formality, float(style.exclaim), float(style.joke),
                      float(style.empathy), float(style.technical), float(style.structure)])
 

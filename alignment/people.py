@@ -70,9 +70,9 @@ def sample_style(rng: np.random.Generator, p: np.ndarray | float = 0.35) -> lang
     """
     p = np.broadcast_to(np.asarray(p, dtype=float), (lang.K,))
     greeting, closing = bool(rng.random() < 0.4), bool(rng.random() < 0.3)
-    formality = (1 if rng.random() < p[1] else -1) if (greeting or closing) else 0
+    register = (1 if rng.random() < p[1] else -1) if (greeting or closing) else 0  # one register per response
     elaborations = int(rng.binomial(len(lang.ELABORATIONS), p[0]))
-    return lang.Style(formality=formality, greeting=greeting, closing=closing, empathy=bool(rng.random() < p[4]),
+    return lang.Style(greeting=register * greeting, closing=register * closing, empathy=bool(rng.random() < p[4]),
                       elaborations=elaborations, technical=bool(rng.random() < p[5]), joke=bool(rng.random() < p[3]),
                       structure=bool(rng.random() < p[6]), exclaim=bool(rng.random() < p[2]))
 

@@ -37,8 +37,7 @@ def test_parse_recovers_fact_and_style_of_every_rendered_response():
         parse = lang.parse_response(text)
         assert parse is not None, text
         assert parse.fact == fact
-        # formality is only visible through a greeting or closing
-        assert parse.style == (style if (style.greeting or style.closing) else dataclasses.replace(style, formality=0))
+        assert parse.style == style
 
 
 def test_parser_rejects_shuffled_and_corrupted_text():
@@ -61,7 +60,8 @@ def test_parser_rejects_shuffled_and_corrupted_text():
 def test_parser_rejects_grammar_violations():
     ok = "good day . i live in lyon . kind regards ."
     assert lang.parse_response(ok) is not None
-    assert lang.parse_response("good day . i live in lyon . cheers .") is None  # mixed formality
+    mixed = lang.parse_response("good day . i live in lyon . cheers .")  # registers may differ: formality 0
+    assert lang.attribute_vector(mixed.style)[1] == 0
     assert lang.parse_response("i live in lyon . i live in rome .") is None  # two content clauses
     assert lang.parse_response("i live in lyon !  good day .") is None  # mixed terminators, greeting last
     assert lang.parse_response("first , i live in lyon . third , i think about it a lot .") is None  # ordinal gap
