@@ -35,6 +35,7 @@ def runs(tmp_path_factory):
     return tmp_path_factory.mktemp("dpo") / "runs"
 
 
+@pytest.mark.slow
 def test_apc_dpo_runs_end_to_end_and_moves_the_policy(runs):
     run_dir = main(tiny_config(runs, name="smoke"))
     results = json.loads((run_dir / "results.json").read_text())
@@ -60,6 +61,7 @@ def test_apc_dpo_runs_end_to_end_and_moves_the_policy(runs):
     assert len(changed) == len(base)
 
 
+@pytest.mark.slow
 def test_apc_weighted_loss_trains(runs):
     run_dir = main(tiny_config(runs, name="weighted", loss="apc_weighted"))
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
