@@ -1,0 +1,446 @@
+"""Decoding-time personalization of a frozen policy: PAD, Drift, GenARM and ARGS against the base and against
+preference prompting, measured by the persona world's true user rewards on held-out users.
+
+    python -m decoding.generate config=pad.yaml        # ~10 min on a fresh 2-core CPU (world, SFT, guides cached)
+    python -m decoding.generate config=drift.yaml      # + Drift's weight recovery at 10/25/50/100 pairs
+    python -m decoding.generate config=genarm.yaml genarm.alpha=2
+    python -m decoding.generate config=args.yaml split=val
+
+Every arm decodes the same prompts with the same temperature, length and per-row seeds (`generate`, one batched
+KV-cached loop for every arm; sampling is Gumbel-max with one generator per row, so a row's noise does not depend
+on its batch and the arms share their random numbers):
+
+    base        the SFT policy, prompt = RAG statements + query (no preferences)
+    prompting   the SFT policy with the user's stated preferences written into the system turn (as the SFT data do)
+    <method>    the SFT policy (prompt per `<method>.base_prompt`) guided per token by the method's rule
+                (decoding/processors.py); the guides are trained by `python -m rewards.train config=guides.yaml`
+                (rewards/guides.py) on train users only, so held-out users, and among them preference
+                combinations no train user has, are unseen
+
+Users: `split` (test by default: user-disjoint from the guides' training users) and prompts from the held-out
+queries (prompt-disjoint). Each sample gets the user's true reward r_u(x, y) (`people.true_reward`; text that is
+not a valid sentence scores INVALID_REWARD). results.json / results.md: per arm, mean true reward and win rate
+against the base (ties count half), with 95% bootstrap intervals over users, for all users and for users whose
+combination of stated preferences no train user has. Drift also reports the centred cosine between fitted and
+true weights at `drift.pair_counts` pairs (decoding/drift.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from alignment.world import WorldSpec
+from rewards.guides import GuidesConfig
+
+log = logging.getLogger(__name__)
+
+
+# --- the batched, KV-cached generate loop ---------------------------------------------------------------------------
+def row_generators(seeds: list[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def pick_tokens(scores: torch.Tensor, temperature: float, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """(B, V) fp32 scores -> (B,) tokens: argmax at temperature 0, else a sample of softmax(scores / T).
+
+    With per-row generators the sample is Gumbel-max, argmax(scores / T + G) with G ~ Gumbel(0, 1) drawn from the
+    row's own generator: distributed exactly as softmax(scores / T), and independent of the other rows.
+    """
+    if temperature <= 0:
+        return scores.argmax(-1)
+    if generators is None:
+        return torch.multinomial(torch.softmax(scores / temperature, -1), 1)[:, 0]
+    u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=g.device) for g in generators]).to(scores.device)
+    gumbel = -torch.log(-torch.log(u.clamp(1e-12, 1 - 1e-7)))
+    return (scores / temperature + gumbel).argmax(-1)
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rule=None, *, max_new_tokens: int,
+             eos_token_id: int | list[int], pad_token_id: int, temperature: float = 0.0, min_new_tokens: int = 0,
+             seeds: list[int] | None = None) -> torch.Tensor:
+    """Decode a left-padded batch with one cached base forward per step and an optional guidance rule.
+
+    Args: input_ids, attention_mask (B, L) left-padded prompts; rule: a decoding.processors rule built for these
+    B rows (None: plain decoding); eos_token_id one id or several; temperature 0 = greedy; min_new_tokens bans EOS
+    before that many tokens (set it to max_new_tokens for fixed-length benchmarks); seeds: one per row for
+    batch-independent sampling.
+    Returns: (B, n) new tokens, n <= max_new_tokens (the loop stops when every row has emitted EOS), pad after EOS.
+    """
+    from transformers import DynamicCache
+
+    from decoding.guides import positions
+
+    device = model.device
+    eos = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    mask, cache = attention_mask.to(device), DynamicCache(config=model.config)
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions(mask),
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    generators = row_generators(seeds) if seeds is not None and temperature > 0 else None
+    finished = torch.zeros(len(mask), dtype=torch.bool, device=device)
+    out = []
+    for t in range(max_new_tokens):
+        scores = logits.float()
+        if t < min_new_tokens:
+            scores[:, eos] = float("-inf")
+        if rule is not None:
+            scores = rule(scores)
+        token = pick_tokens(scores, temperature, generators).masked_fill(finished, pad_token_id)
+        out.append(token)
+        finished |= torch.isin(token, eos)
+        if t + 1 == max_new_tokens or bool(finished.all()):
+            break
+        if rule is not None:
+            rule.advance(token)
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+    return torch.stack(out, dim=1)
+
+
+def encode_prompts(tokenizer, messages: list[list[dict]], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat prompts (with the assistant header) as left-padded (B, L) ids and mask."""
+    from alignment.sampling import render_prompt
+    from decoding.guides import left_pad
+
+    rows = tokenizer([render_prompt(tokenizer, m) for m in messages], add_special_tokens=False)["input_ids"]
+    return left_pad(rows, tokenizer.pad_token_id, device)
+
+
+# --- config ---------------------------------------------------------------------------------------------------------
+BasePrompt = Literal["plain", "preference"]
+
+
+@dataclass
+class PADSettings:
+    w: float = 1.0  # interpolation weight: 0 = base, 1 = the guide's argmax inside the base top-k
+    top_k: int = 10  # support: the base's top-k tokens
+    base_prompt: BasePrompt = "preference"  # what the base reads in this arm (PAD's code: the preference prompt)
+
+
+@dataclass
+class DriftSettings:
+    beta: float = 1.0  # strength 1 / beta of the attribute drift
+    pairs: int = 100  # labelled pairs per user the decoding weights are fitted from
+    fit: Literal["closed_form", "sparse"] = "closed_form"
+    sparsity: float = 0.25  # sparse fit: soft threshold as a share of the largest |mean Delta|
+    pair_counts: list[int] = field(default_factory=lambda: [10, 25, 50, 100])  # weight recovery table
+    guide: Literal["pad", "base"] = "pad"  # the small LM under the attribute prompts
+    base_prompt: BasePrompt = "plain"  # Drift reads implicit preferences (pairs), not stated ones
+
+
+@dataclass
+class GenARMSettings:
+    alpha: float = 1.0  # weight of the autoregressive RM's log-probs (1 / beta of the paper)
+    base_prompt: BasePrompt = "preference"
+
+
+@dataclass
+class ARGSSettings:
+    w: float = 1.0  # weight of the sequence reward of each candidate
+    top_k: int = 10
+    base_prompt: BasePrompt = "preference"
+
+
+@dataclass
+class DecodeConfig:
+    method: Literal["pad", "drift", "genarm", "args"] = "pad"
+    seed: int = 0
+    name: str | None = None  # run name; default decode-<method>-<timestamp>
+    runs_dir: str = "runs"
+    world: WorldSpec = field(default_factory=WorldSpec)
+    guides: GuidesConfig = field(default_factory=GuidesConfig)  # trained (and cached) when `guides_dir` is unset
+    guides_dir: str | None = None  # a finished `rewards.train kind=guides` run directory
+    policy: str | None = None  # HF directory of the base policy; default: the cached SFT policy of guides.sft
+    split: Literal["val", "test"] = "test"  # held-out users to decode for (tune on val, report on test)
+    users: int = 100  # users of the split (0 = all)
+    prompts_per_user: int = 4  # held-out queries per user
+    temperature: float = 0.0  # 0 = greedy, the setting of PAD's and ARGS's released configs
+    max_new_tokens: int = 80  # the longest world response is ~60 tokens
+    batch_size: int = 64
+    pad: PADSettings = field(default_factory=PADSettings)
+    drift: DriftSettings = field(default_factory=DriftSettings)
+    genarm: GenARMSettings = field(default_factory=GenARMSettings)
+    args: ARGSSettings = field(default_factory=ARGSSettings)
+
+
+# --- prompts and users ----------------------------------------------------------------------------------------------
+def signature(persona: str) -> tuple:
+    """The combination of stated preferences in a persona text, as a hashable (K,) sign tuple."""
+    from alignment import people
+
+    return tuple(people.stated_preferences(persona).astype(int).tolist())
+
+
+def decoding_rows(world: dict, cfg: DecodeConfig) -> list[dict]:
+    """One row per (user, held-out query): user, messages (plain and preference-prompted), facts, seed."""
+    from alignment.oracle import eval_prompts, facts_of
+    from decoding.drift import with_system_suffix
+
+    users = [u for u in world["users"] if u["split"] == cfg.split]
+    users = users[:cfg.users] if cfg.users else users
+    seen = {signature(u["persona"]) for u in world["users"] if u["split"] == "train"}
+    rows = []
+    for i, u in enumerate(users):
+        for q, c, messages in eval_prompts(world, cfg.prompts_per_user, cfg.seed * 100_003 + i):
+            rows.append({"user": u, "query": q, "facts": facts_of(c), "plain": messages,
+                         "preference": with_system_suffix(messages, u["persona"]),
+                         "unseen_combination": signature(u["persona"]) not in seen,
+                         "seed": cfg.seed * 7919 + len(rows)})
+    return rows
+
+
+# --- the methods: a rule for a batch of rows ------------------------------------------------------------------------
+@dataclass
+class Decoders:
+    """Everything the rule builders read: tokenizer, models, settings, Drift's fitted weights per user."""
+
+    cfg: DecodeConfig
+    tokenizer: object
+    base: object
+    guides: dict  # name -> model: pad, arm, rm
+    drift_prompts: list[str]  # neutral first, then one per attribute
+    drift_weights: dict  # user_id -> (m,) np.ndarray
+
+
+def build_pad(d: Decoders, rows: list[dict]):
+    from decoding.guides import Guide
+    from decoding.processors import pad_rule
+
+    guide = Guide(d.guides["pad"], *encode_prompts(d.tokenizer, [r["preference"] for r in rows]))
+    return pad_rule(guide, d.cfg.pad.w, d.cfg.pad.top_k)
+
+
+def build_genarm(d: Decoders, rows: list[dict]):
+    from decoding.guides import Guide
+    from decoding.processors import genarm_rule
+
+    return genarm_rule(Guide(d.guides["arm"], *encode_prompts(d.tokenizer, [r["preference"] for r in rows])),
+                       d.cfg.genarm.alpha)
+
+
+def build_drift(d: Decoders, rows: list[dict]):
+    from decoding.drift import with_system_suffix
+    from decoding.guides import Guide
+    from decoding.processors import drift_rows, drift_rule
+
+    weights = torch.tensor(np.stack([d.drift_weights[r["user"]["user_id"]] for r in rows]), dtype=torch.float32)
+    active = weights != 0  # the sparse fit zeroes attributes: their guide rows are never built
+    contexts = [with_system_suffix(rows[b]["plain"], d.drift_prompts[i]) for b, i in drift_rows(active)]
+    guide = Guide(d.guides[d.cfg.drift.guide], *encode_prompts(d.tokenizer, contexts))
+    return drift_rule(guide, weights, d.cfg.drift.beta, active)
+
+
+def build_args(d: Decoders, rows: list[dict]):
+    from decoding.guides import CachedSequenceReward
+    from decoding.processors import args_rule
+
+    reward = CachedSequenceReward(d.guides["rm"], *encode_prompts(d.tokenizer, [r["preference"] for r in rows]))
+    return args_rule(reward, d.cfg.args.w, d.cfg.args.top_k, batch=len(rows))
+
+
+METHODS = {"pad": build_pad, "drift": build_drift, "genarm": build_genarm, "args": build_args}
+
+
+def decode_arm(d: Decoders, rows: list[dict], prompt: BasePrompt, method: str | None) -> list[str]:
+    """Responses of one arm for every row, in batches of cfg.batch_size."""
+    cfg, tok, texts = d.cfg, d.tokenizer, []
+    for s in range(0, len(rows), cfg.batch_size):
+        chunk = rows[s:s + cfg.batch_size]
+        ids, mask = encode_prompts(tok, [r[prompt] for r in chunk], d.base.device)
+        rule = METHODS[method](d, chunk) if method else None
+        new = generate(d.base, ids, mask, rule, max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, temperature=cfg.temperature, seeds=[r["seed"] for r in chunk])
+        texts += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    return texts
+
+
+# --- Drift: a labelled questionnaire, features, fitted weights ----------------------------------------------------
+def questionnaire(world: dict, spec: WorldSpec, n: int, seed: int) -> list[dict]:
+    """n response pairs on train queries (two world responses, style_p 0.5, as in the world's own pairs), unlabelled.
+
+    Every user labels the same n pairs (a calibration questionnaire): the attribute rewards of a pair do not depend
+    on who labels it, so they are computed once, not once per user.
+    """
+    from alignment.world import rag_statements, sample_response
+
+    rng = np.random.default_rng(seed)
+    chars = {c["character_id"]: c for c in world["characters"]}
+    queries = [q for q in world["queries"] if q["split"] == "train"]
+    out = []
+    for j in rng.choice(len(queries), size=n, replace=len(queries) < n):
+        q, c = queries[j], chars[queries[j]["character_id"]]
+        facts = [(s["slot"], s["value"]) for s in c["statements"]]
+        a = b = sample_response(rng, facts, q["slot"], spec, style_p=0.5)
+        while b == a:
+            b = sample_response(rng, facts, q["slot"], spec, style_p=0.5)
+        system = rag_statements(rng, c["statements"], q["slot"], spec.rag_k)
+        out.append({"prompt": [{"role": "system", "content": system}, {"role": "user", "content": q["text"]}],
+                    "chosen": a, "rejected": b, "facts": facts, "slot": q["slot"]})
+    return out
+
+
+def label(pairs: list[dict], user: dict, quality: float, seed: int) -> np.ndarray:
+    """(n,) +1 where the user prefers the first response, -1 otherwise: Bradley-Terry on the true rewards."""
+    from alignment import people
+
+    rng, w = np.random.default_rng(seed), np.asarray(user["weights"])
+    r = np.array([[people.true_reward(w, quality, p["facts"], p["slot"], p[k]) for k in ("chosen", "rejected")]
+                  for p in pairs])
+    return np.where(rng.random(len(pairs)) < people.bt_probability(user["temperature"], r[:, 0], r[:, 1]), 1.0, -1.0)
+
+
+def fit_drift(d: Decoders, world: dict, rows: list[dict]) -> dict:
+    """Fit every decoded user's weights from its labels of cfg.drift.pairs questionnaire pairs; the weight-recovery
+    table at cfg.drift.pair_counts pairs (nested prefixes of one questionnaire)."""
+    from alignment.stats import bootstrap_ci
+    from decoding.drift import attribute_rewards, fit_weights, weight_recovery
+
+    cfg, quality = d.cfg.drift, world["stats"]["population"]["quality"]
+    users = list({r["user"]["user_id"]: r["user"] for r in rows}.values())
+    pairs = questionnaire(world, d.cfg.world, max([cfg.pairs, *cfg.pair_counts]), d.cfg.seed)
+    first, second = attribute_rewards(d.guides[cfg.guide], d.tokenizer, pairs, d.drift_prompts)  # (n, m) each
+    deltas = [label(pairs, u, quality, d.cfg.seed * 1_000_003 + i)[:, None] * (first - second)
+              for i, u in enumerate(users)]  # chosen minus rejected, per user
+    for u, delta in zip(users, deltas, strict=True):
+        d.drift_weights[u["user_id"]] = fit_weights(delta[:cfg.pairs], cfg.fit, cfg.sparsity)
+    true = np.array([u["weights"] for u in users])
+    table = {method: {str(n): bootstrap_ci(c) for n, c in weight_recovery(deltas, true, cfg.pair_counts, method,
+                                                                         cfg.sparsity).items()}
+             for method in ("closed_form", "sparse")}
+    return {"users": len(users), "pairs": len(pairs), "cosine": table}
+
+
+# --- scoring and the table ------------------------------------------------------------------------------------------
+def true_rewards(rows: list[dict], texts: list[str], quality: float) -> np.ndarray:
+    from alignment import people
+
+    return np.array([people.true_reward(np.asarray(r["user"]["weights"]), quality, r["facts"], r["query"]["slot"], t)
+                     for r, t in zip(rows, texts, strict=True)])
+
+
+def arm_summary(rewards: np.ndarray, base: np.ndarray, groups: np.ndarray) -> dict:
+    """Mean true reward and win rate against the base (ties half), 95% bootstrap intervals over users."""
+    from alignment import people
+    from alignment.stats import bootstrap_ci, paired_difference_ci
+
+    wins = (rewards > base) + 0.5 * (rewards == base)
+    return {"reward": bootstrap_ci(rewards, groups), "win_rate": bootstrap_ci(wins, groups),
+            "gain": paired_difference_ci(rewards, base, groups),
+            "valid": float(np.mean(rewards > people.INVALID_REWARD)),
+            "prompts": len(rewards)}
+
+
+def summarize(rows: list[dict], rewards: dict[str, np.ndarray]) -> dict:
+    groups = np.array([r["user"]["user_id"] for r in rows])
+    unseen = np.array([r["unseen_combination"] for r in rows])
+    out = {"all": {arm: arm_summary(v, rewards["base"], groups) for arm, v in rewards.items()}}
+    if unseen.any():
+        out["unseen_combinations"] = {arm: arm_summary(v[unseen], rewards["base"][unseen], groups[unseen])
+                                      for arm, v in rewards.items()}
+    return out
+
+
+def results_markdown(cfg: DecodeConfig, table: dict, drift: dict | None) -> str:
+    from alignment.stats import format_ci
+
+    lines = [f"# {cfg.method} vs base and preference prompting ({cfg.split} users, T={cfg.temperature})", ""]
+    for subset, arms in table.items():
+        users = arms["base"]["reward"]["n"]
+        lines += [f"## {subset.replace('_', ' ')} ({users} users, {arms['base']['prompts']} prompts)", "",
+                  "| arm | true reward | win rate vs base | gain vs base | valid |", "|---|---|---|---|---|"]
+        lines += [f"| {arm} | {format_ci(s['reward'])} | {format_ci(s['win_rate'])} | {format_ci(s['gain'])} | "
+                  f"{s['valid']:.1%} |" for arm, s in arms.items()]
+        lines.append("")
+    if drift:
+        counts = list(next(iter(drift["cosine"].values())))
+        lines += [f"## Drift weight recovery ({drift['users']} users): centred cosine, fitted vs true", "",
+                  "| fit | " + " | ".join(f"{n} pairs" for n in counts) + " |", "|---" * (len(counts) + 1) + "|"]
+        lines += [f"| {m} | " + " | ".join(format_ci(t[n]) for n in counts) + " |" for m, t in drift["cosine"].items()]
+    return "\n".join(lines) + "\n"
+
+
+# --- main -----------------------------------------------------------------------------------------------------------
+def load_decoders(cfg: DecodeConfig, guides_dir: Path, policy: Path) -> Decoders:
+    import json
+
+    from alignment.config import ModelConfig
+    from alignment.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+
+    tokenizer = load_tokenizer(policy)
+    lm = lambda path: load_causal_lm(ModelConfig(name_or_path=str(path), dtype="float32"), tokenizer)
+    needed = {"pad": ["pad"], "genarm": ["arm"], "args": ["rm"], "drift": [cfg.drift.guide]}[cfg.method]
+    models = {"base": lm(policy)}
+    for name in needed:
+        if name == "rm":
+            models[name] = load_sequence_classifier(ModelConfig(name_or_path=str(guides_dir / "rm"), dtype="float32"),
+                                                    tokenizer, ["reward"])
+        elif name != "base":
+            models[name] = lm(guides_dir / name)
+    prompts = json.loads((guides_dir / "drift.json").read_text())
+    return Decoders(cfg, tokenizer, models["base"], models, [prompts["neutral"], *prompts["attributes"].values()], {})
+
+
+def main(cfg: DecodeConfig) -> Path:
+    import time
+
+    from alignment.runs import Run, seed_everything
+    from alignment.sft import policy_artifact
+    from alignment.world import load_world, world_artifact
+    from rewards.guides import guides_artifact
+
+    # --- setup: world, base policy, guides (each built once and cached on a fresh machine)
+    run = Run.start(cfg, f"decode-{cfg.method}", runs_dir=cfg.runs_dir, name=cfg.name)
+    seed_everything(cfg.seed)
+    world = load_world(world_artifact(cfg.world, cfg.runs_dir))
+    guides_cfg = replace(cfg.guides, world=cfg.world, runs_dir=cfg.runs_dir)
+    policy = Path(cfg.policy) if cfg.policy else policy_artifact(replace(guides_cfg.sft, world=cfg.world,
+                                                                         runs_dir=cfg.runs_dir))
+    guides_dir = Path(cfg.guides_dir) if cfg.guides_dir else guides_artifact(guides_cfg)
+    run.add_meta("inputs", {"world": str(world["path"]), "policy": str(policy), "guides": str(guides_dir)})
+    d = load_decoders(cfg, guides_dir, policy)
+
+    # --- data: held-out users x held-out queries; Drift first fits each user's weights from labelled pairs
+    rows = decoding_rows(world, cfg)
+    drift = fit_drift(d, world, rows) if cfg.method == "drift" else None
+
+    # --- decode every arm with the same prompts, settings and seeds
+    method_prompt = getattr(cfg, cfg.method).base_prompt
+    arms = {"base": ("plain", None), "prompting": ("preference", None), cfg.method: (method_prompt, cfg.method)}
+    texts, seconds = {}, {}
+    for arm, (prompt, method) in arms.items():
+        t0 = time.time()
+        texts[arm] = decode_arm(d, rows, prompt, method)
+        seconds[arm] = time.time() - t0
+        log.info("%s: %d responses in %.1fs", arm, len(rows), seconds[arm])
+
+    # --- score against the truth, write the table
+    quality = world["stats"]["population"]["quality"]
+    rewards = {arm: true_rewards(rows, t, quality) for arm, t in texts.items()}
+    table = summarize(rows, rewards)
+    with open(run.path("samples.jsonl"), "w") as f:
+        import json
+
+        for i, r in enumerate(rows):
+            f.write(json.dumps({"user_id": r["user"]["user_id"], "query_id": r["query"]["query_id"],
+                                **{arm: {"text": texts[arm][i], "reward": float(rewards[arm][i])} for arm in texts}})
+                    + "\n")
+    results = {"method": cfg.method, "table": table, "drift": drift, "seconds": seconds,
+               "unseen_combination_users": len({r["user"]["user_id"] for r in rows if r["unseen_combination"]})}
+    markdown = results_markdown(cfg, table, drift)
+    (run.path("results.md")).write_text(markdown)
+    print(markdown)
+    run.finish(results)
+    return run.dir
+
+
+if __name__ == "__main__":
+    from alignment.config import run_cli
+
+    run_cli(DecodeConfig, main)

@@ -1,0 +1,183 @@
+"""Guide models that keep their own KV caches in lockstep with the tokens the base model emits.
+
+A guide reads its own prompt rows (a preference-conditioned system turn, an attribute prompt, a reward model's
+input format), left-padded and prefilled once; after that every step feeds it exactly the token the base emitted
+for that row, one cached forward per step for all rows (research/decoding.md §7.1-7.3):
+
+    guide = Guide(model, ids, mask)          # prefill: guide.logits is the (R, V) next-token logits
+    guide.advance(tokens)                    # (R,) emitted tokens -> one forward of R x 1 tokens
+
+Sequence reward models for ARGS-style candidate rescoring implement `CandidateReward`: `score(candidates)` gives
+the reward of every prefix extended by each of its k candidates, and `advance(tokens)` commits the emitted ones.
+`CachedSequenceReward` scores the k candidates of all rows in ONE forward over the shared prefix cache: the k
+candidates sit at the same position, a 4D mask lets each see the prefix and itself only, and the cache keeps the
+chosen candidate's keys and values afterwards, so committing costs no forward. That needs O(L + k) memory where
+ARGS's official code replicates the cache k times (O(k L)) and copies it every token. `RecomputeReward` wraps any
+`fn(input_ids, attention_mask) -> (R,)` (a persona RM, an API) with k full forwards per step: the reference the
+cached path is tested against, and the fallback for models without a cache.
+
+Rows are left-padded; positions count real tokens only (mask.cumsum - 1), so a row's logits do not depend on the
+padding its batch happens to need. All calls run under inference mode; logits come back as float32.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from transformers import DynamicCache
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids (R, T) of a left-padded (R, T) attention mask: 0 at each row's first real token."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as left-padded (R, T) input_ids and attention_mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if not r:
+            raise ValueError(f"left_pad: row {i} is empty; every prompt needs at least one token")
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class Guide:
+    """A causal LM over its own prompt rows with its own DynamicCache; `logits` (R, V) fp32 is always the
+    distribution of the next token after the prompt plus every token given to `advance` so far."""
+
+    @torch.inference_mode()
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self.model = model
+        self.mask = attention_mask.to(model.device)
+        self.cache = DynamicCache(config=model.config)
+        self.logits = self._forward(input_ids.to(model.device), positions(self.mask))
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        # logits_to_keep=1: the LM head runs on the last position only (a V x d matmul per row, not per token).
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Append one emitted token per row, (R,), and compute the next logits."""
+        if tokens.shape != (self.rows,):
+            raise ValueError(f"Guide.advance: expected ({self.rows},) tokens, got {tuple(tokens.shape)}")
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
+        self.logits = self._forward(tokens.view(-1, 1).to(self.mask.device), self.mask.sum(-1, keepdim=True) - 1)
+
+
+class CandidateReward(Protocol):
+    """A sequence reward over a growing prefix per row, asked about k one-token extensions at a time."""
+
+    def score(self, candidates: torch.Tensor) -> torch.Tensor:
+        """(R, k) candidate token ids -> (R, k) reward of each row's prefix + that candidate."""
+        ...
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Commit one emitted token per row, (R,)."""
+        ...
+
+
+def score_head(model) -> torch.nn.Module:
+    """The classification head of a decoder sequence classifier (`score` in Llama/Qwen/Mistral/GPT-2 families)."""
+    head = getattr(model, "score", None)
+    if head is None:
+        raise ValueError(f"{type(model).__name__}: no `score` head; wrap the reward model in RecomputeReward instead")
+    return head
+
+
+class CachedSequenceReward:
+    """A decoder sequence classifier (one output: the reward) scored at k candidates per row in one masked
+    forward over its own prefix cache; `CandidateReward`."""
+
+    @torch.inference_mode()
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self.backbone, self.head = model.base_model, score_head(model)
+        self.mask = attention_mask.to(model.device)
+        self.cache = DynamicCache(config=model.config)
+        self.backbone(input_ids=input_ids.to(model.device), attention_mask=self.mask,
+                      position_ids=positions(self.mask), past_key_values=self.cache, use_cache=True)
+        self.candidates: torch.Tensor | None = None  # (R, k) of the last `score`, whose keys/values are cached
+
+    @torch.inference_mode()
+    def score(self, candidates: torch.Tensor) -> torch.Tensor:
+        self._drop_candidates()
+        R, k = candidates.shape
+        prefix = self.mask.bool()[:, None, :].expand(R, k, -1)  # (R, k, L): every candidate sees the prefix
+        own = torch.eye(k, dtype=torch.bool, device=prefix.device).expand(R, k, k)  # ... and itself only
+        mask4d = torch.cat([prefix, own], dim=-1)[:, None]  # (R, 1, k, L + k), True = attend
+        pos = self.mask.sum(-1, keepdim=True).expand(R, k)  # all k at the next position
+        h = self.backbone(input_ids=candidates.to(self.mask.device), attention_mask=mask4d, position_ids=pos,
+                          past_key_values=self.cache, use_cache=True).last_hidden_state  # (R, k, d)
+        self.candidates = candidates.to(self.mask.device)
+        return self.head(h)[..., 0].float()
+
+    @torch.inference_mode()
+    def advance(self, tokens: torch.Tensor) -> None:
+        tokens = tokens.to(self.mask.device).view(-1)
+        hit = self.candidates == tokens[:, None] if self.candidates is not None else None
+        if hit is not None and bool(hit.any(-1).all()):
+            # Every row emitted one of its candidates: keep that candidate's keys/values (computed with the right
+            # position and mask) and drop the other k - 1; no forward needed.
+            self._keep_candidate(hit.int().argmax(-1))
+        else:  # e.g. finished rows receive the pad token: recompute exactly
+            self._drop_candidates()
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
+            self.backbone(input_ids=tokens[:, None], attention_mask=self.mask,
+                          position_ids=self.mask.sum(-1, keepdim=True) - 1, past_key_values=self.cache, use_cache=True)
+            return
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
+
+    def _drop_candidates(self) -> None:
+        if self.candidates is not None:
+            self.cache.crop(-self.candidates.shape[1])
+            self.candidates = None
+
+    def _keep_candidate(self, chosen: torch.Tensor) -> None:
+        """Cache layout per layer (R, heads, L + k, d) -> (R, heads, L + 1, d) with column L = candidate `chosen`."""
+        L, rows = self.mask.shape[1], torch.arange(len(chosen), device=chosen.device)
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name)
+                picked = t[rows, :, L + chosen]  # (R, heads, d)
+                setattr(layer, name, torch.cat([t[:, :, :L], picked[:, :, None]], dim=2))
+        self.candidates = None
+
+
+class RecomputeReward:
+    """Any `fn(input_ids, attention_mask) -> (R,)` sequence reward as a `CandidateReward`, by k full forwards of
+    the left-padded prefix + candidate per step: O(k L) work per token, no cache."""
+
+    def __init__(self, fn, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self.fn, self.ids, self.mask = fn, input_ids, attention_mask
+
+    @torch.inference_mode()
+    def score(self, candidates: torch.Tensor) -> torch.Tensor:
+        ones = self.mask.new_ones(len(self.mask), 1)
+        cols = [self.fn(torch.cat([self.ids, candidates[:, j:j + 1].to(self.ids.device)], 1),
+                        torch.cat([self.mask, ones], 1)) for j in range(candidates.shape[1])]
+        return torch.stack(cols, dim=1).float()
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        self.ids = torch.cat([self.ids, tokens.view(-1, 1).to(self.ids.device)], 1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.mask), 1)], 1)
+
+
+def classifier_reward(model):
+    """`fn(input_ids, attention_mask) -> (R,)` of a sequence classifier read at the last position (left padding),
+    with the same position ids as the cached path; for RecomputeReward."""
+    def fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = model.base_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                             position_ids=positions(mask).to(model.device)).last_hidden_state
+        return score_head(model)(h[:, -1])[:, 0]
+    return fn

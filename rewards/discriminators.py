@@ -1,0 +1,336 @@
+"""APC discriminators: the relevance and NLI sequence classifiers behind the APC score, distilled from the world.
+
+    python -m rewards.train config=apc_discriminators.yaml            # both sets, tiny Llamas, ~1 min on 2 CPU cores
+    python -m rewards.train config=apc_discriminators.yaml model.preset=null model.name_or_path=<hf encoder> lr=5e-5
+
+APC (Peng & Shang, NeurIPS 2024, arXiv:2405.07726 §3, App. C-D) scores a response with two small classifiers:
+relevance P_g(s, q) over (statement, query) with labels (no, yes), and NLI over (statement, query, response) with
+labels (contradicted, neutral, entailed) (`rewards/apc.py` turns them into V_APC and ΔAPC). The paper distils
+DeBERTa students from GPT-4 labels of synthesized queries and responses. Here the persona world's oracle plays the
+teacher: `language.relevant` labels relevance (the query asks about the statement's slot), `language.nli_label` of
+the parsed response labels NLI, and responses come from the world's own sampler (`people.sample_content`,
+`people.sample_style`), so the labels are exact and free.
+
+Differences from the paper:
+  - two sets on disjoint characters: `reward/` is trained on the characters with split == "reward" and is what
+    APC-DPO optimizes; `evaluator/` is trained on split == "evaluator" and is what reports ΔAPC, so the metric is
+    not the reward being optimized (the paper intends a separate evaluator but its script reuses one checkpoint);
+  - the training data are class-balanced (the natural relevance rate is ~3%: one statement in ~34 per query) and
+    carry hard negatives: statements of other slots and off-topic queries for relevance, responses that assert the
+    statement's slot with another value (contradicted) or another slot in the same template (neutral) for NLI;
+  - both classifiers of each set are measured on class-balanced examples from split == "holdout" characters,
+    never trained on: recall per class and accuracy in results.json (target: recall >= 0.9 for every class);
+  - inputs are one string in the world's chat markup (`world_relevance_text`, `world_nli_text`), the same
+    functions at training and at scoring time (`load_scorer`), not the paper's English template.
+
+Output: runs/<name>/{reward,evaluator}/{relevance,nli}/, each a Hugging Face classifier directory with its tokenizer
+and config.id2label in the order of RELEVANCE_LABELS / NLI_LABELS. `discriminators_artifact(cfg)` builds it once
+under runs/cache/ for APC-DPO; `load_scorer(path, "reward")` returns a ready `rewards.apc.APCScorer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from alignment.config import ModelConfig
+from alignment.language import NLI_LABELS, RELEVANCE_LABELS
+from alignment.world import WorldSpec
+
+log = logging.getLogger(__name__)
+
+SETS = ("reward", "evaluator")  # character split each set is trained on; `holdout` characters are for evaluation
+CLASSIFIERS = {"relevance": RELEVANCE_LABELS, "nli": NLI_LABELS}
+TARGET_RECALL = 0.9
+
+# Examples come in minimal pairs (relevance) and triples (NLI) that differ in one part only, so the only thing that
+# tells their labels apart is the comparison the classifier has to learn, not a style or query shortcut.
+ON_TOPIC = 0.6  # share of NLI queries about the statement's slot; the label does not depend on the query
+OFF_TOPIC_NEGATIVES = 0.25  # share of relevance negatives with an off-topic query; the rest ask about another slot
+NEUTRAL_MIX = (0.0, 0.0, 0.6, 0.4)  # the neutral response of a triple: another true fact (0.6) or chit-chat (0.4)
+
+
+@dataclass
+class DiscriminatorConfig:
+    kind: Literal["apc_discriminators"] = "apc_discriminators"  # picks this module in `python -m rewards.train`
+    seed: int = 0
+    name: str | None = None  # run name; default discriminators-<timestamp>
+    resume: bool = False  # continue the run `name`: classifiers already saved there are loaded, not retrained
+    runs_dir: str = "runs"
+    world: WorldSpec = field(default_factory=WorldSpec)  # built and cached under runs/cache/ if missing
+    data: str | None = None  # an existing world directory to train on instead of `world`
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        preset="llama", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_positions=128))
+    relevance_steps: int = 300
+    nli_steps: int = 600
+    batch_size: int = 64
+    lr: float = 3e-3  # peak; linear warmup then cosine decay (pretrained encoders: ~5e-5)
+    warmup: int = 30
+    train_examples: int = 4000  # per class and classifier, drawn from the set's characters
+    eval_examples: int = 300  # per class and classifier, drawn from the holdout characters
+    max_length: int = 128  # tokens; world inputs are <= ~75
+    log_every: int = 25
+
+
+Config = DiscriminatorConfig  # the name `rewards.train` dispatches to
+
+
+# --- input formats ------------------------------------------------------------------------------------------------
+# One string each, in the world's chat markup: the role tokens are single ids of the world tokenizer and separate
+# the parts for a causal classifier that reads the last token. The character name is not used: in the world the
+# name is itself a statement. Any tokenizer reads the same strings (a BERT one splits "<|user|>" into word pieces).
+
+def world_relevance_text(character: str, statement: str, query: str) -> str:
+    """'<|system|> i live in lyon . <|user|> where do you live ? <|end|>'."""
+    return f"<|system|> {statement} <|user|> {query} <|end|>"
+
+
+def world_nli_text(character: str, statement: str, query: str, response: str) -> str:
+    """'<|system|> i live in lyon . <|user|> where do you live ? <|assistant|> hey ! i live in rome ! <|end|>'."""
+    return f"<|system|> {statement} <|user|> {query} <|assistant|> {response} <|end|>"
+
+
+FORMATS = {"relevance": world_relevance_text, "nli": world_nli_text}
+
+
+# --- data from the world's oracle ---------------------------------------------------------------------------------
+# An example is (format arguments, label index): ((character, statement, query[, response]), label).
+
+def queries_by_slot(world: dict) -> dict[str, dict[str | None, list[str]]]:
+    """character_id -> slot (None = off-topic) -> query texts."""
+    out: dict[str, dict[str | None, list[str]]] = {}
+    for q in world["queries"]:
+        out.setdefault(q["character_id"], {}).setdefault(q["slot"], []).append(q["text"])
+    return out
+
+
+def relevance_pair(character: dict, queries: dict, rng) -> list[tuple[tuple, int]]:
+    """One statement with a query about its slot and a query about another slot (or off-topic), labelled by the
+    oracle. Both queries use the same paraphrase when they can ("do you like rain ?" / "do you like maps ?")."""
+    from alignment.language import relevant
+
+    asked = queries[character["character_id"]]
+    s = character["statements"][rng.integers(len(character["statements"]))]
+    others = [slot for slot in asked if slot not in (s["slot"], None)]
+    other = None if rng.random() < OFF_TOPIC_NEGATIVES or not others else others[rng.integers(len(others))]
+    i = int(rng.integers(len(asked[s["slot"]])))
+    return [((character["name"], s["text"], asked[slot][i % len(asked[slot])]), int(relevant(s["slot"], slot)))
+            for slot in (s["slot"], other)]
+
+
+def nli_triple(character: dict, queries: dict, rng) -> list[tuple[tuple, int]]:
+    """One statement and three responses in one sampled style that differ only in the content clause: the
+    statement's value (entailed), another value of its slot (contradicted), another of the character's facts or
+    chit-chat (neutral; often an opinion in the same template, "maps is something i like ."), labelled by the
+    oracle from the parsed text. The query is another of the character's queries 40% of the time: contradicting a
+    statement the query is not about is the passive constraint's case."""
+    from alignment import language as lang
+    from alignment import people
+
+    facts = [(st["slot"], st["value"]) for st in character["statements"]]
+    asked = queries[character["character_id"]]
+    s = character["statements"][rng.integers(len(character["statements"]))]
+    slot = s["slot"] if rng.random() < ON_TOPIC else list(asked)[rng.integers(len(asked))]
+    query = asked[slot][rng.integers(len(asked[slot]))]
+    style = people.sample_style(rng)
+    out = []
+    for mix in ((1.0, 0.0, 0.0, 0.0), (0.0, 1.0, 0.0, 0.0), NEUTRAL_MIX):  # answer, contradict, neutral
+        fact, neutral = people.sample_content(rng, facts, s["slot"], mix)
+        response = lang.render_response(fact, neutral, style)
+        label = lang.nli_label((s["slot"], s["value"]), lang.parse_response(response).fact)
+        out.append(((character["name"], s["text"], query, response), NLI_LABELS.index(label)))
+    return out
+
+
+EXAMPLES = {"relevance": relevance_pair, "nli": nli_triple}  # each draw holds one example of every label
+
+
+def make_examples(world: dict, split: str, what: str, n: int, seed: int) -> list[tuple[tuple, int]]:
+    """`n` examples per label of classifier `what` (n pairs or triples) from the characters of one split."""
+    import numpy as np
+
+    characters = [c for c in world["characters"] if c["split"] == split]
+    if not characters:
+        raise ValueError(f"{world['path']}: no characters with split == {split!r}")
+    rng, queries = np.random.default_rng(seed), queries_by_slot(world)
+    return [e for _ in range(n) for e in EXAMPLES[what](characters[rng.integers(len(characters))], queries, rng)]
+
+
+# --- training and evaluation -------------------------------------------------------------------------------------
+def train_classifier(model, tokenizer, texts: list, labels: list[int], cfg: DiscriminatorConfig, steps: int,
+                     desc: str, run) -> dict:
+    """Cross-entropy on random batches, AdamW with warmup + cosine decay; returns the timing and last loss."""
+    import inspect
+
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    accepts = set(inspect.signature(model.forward).parameters)  # Llama has no token_type_ids, BERT does
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup, steps)
+    order = torch.Generator().manual_seed(cfg.seed)
+    y = torch.tensor(labels)
+    model.train()
+    t0, loss = time.time(), torch.tensor(float("nan"))
+    bar = tqdm(range(steps), desc=desc)
+    for step in bar:
+        idx = torch.randint(len(texts), (cfg.batch_size,), generator=order)
+        batch = tokenizer([texts[i] for i in idx.tolist()], padding=True, truncation=True,
+                          max_length=cfg.max_length, return_tensors="pt")
+        batch = {k: v.to(model.device) for k, v in batch.items() if k in accepts}
+        loss = model(**batch, labels=y[idx].to(model.device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            run.log(step + 1, **{f"{desc}/loss": loss.item(), f"{desc}/lr": scheduler.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    seconds = time.time() - t0
+    model.eval()
+    return {"steps": steps, "train_seconds": seconds, "steps_per_second": steps / max(seconds, 1e-9),
+            "final_loss": loss.item()}
+
+
+def recall_metrics(predicted: list[int], labels: list[int], names: tuple[str, ...]) -> dict:
+    """Accuracy and recall per class (share of each class's examples predicted as that class)."""
+    recall = {}
+    for k, name in enumerate(names):
+        rows = [p for p, y in zip(predicted, labels, strict=True) if y == k]
+        recall[name] = sum(p == k for p in rows) / max(len(rows), 1)
+    accuracy = sum(p == y for p, y in zip(predicted, labels, strict=True)) / max(len(labels), 1)
+    return {"accuracy": accuracy, "recall": recall, "min_recall": min(recall.values()), "examples": len(labels)}
+
+
+def evaluate_classifier(model, tokenizer, texts: list, labels: list[int], names: tuple[str, ...],
+                        max_length: int) -> dict:
+    """Recall per class on held-out examples, through the same batched forward the APC scorer uses."""
+    from rewards.apc import Discriminator
+
+    disc = Discriminator(model, tokenizer, names, "eval", batch_size=256, max_length=max_length)
+    probs = disc.probs(disc.encode(texts, truncate=True))  # (N, C) in the order of `names`
+    return recall_metrics(probs.argmax(-1).tolist(), labels, names)
+
+
+def load_or_build(cfg: DiscriminatorConfig, tokenizer, names: tuple[str, ...], saved: Path):
+    """The classifier saved at `saved` (a resumed run), else a fresh one: preset weights or a pretrained encoder
+    with a new head for `names`."""
+    from alignment.models import load_sequence_classifier
+
+    if (saved / "config.json").is_file():
+        return load_sequence_classifier(replace(cfg.model, name_or_path=str(saved), preset=None, lora=None),
+                                        tokenizer, list(names)), True
+    return load_sequence_classifier(cfg.model, tokenizer, list(names)), False
+
+
+def main(cfg: DiscriminatorConfig) -> Path:
+    import torch
+
+    from alignment.models import load_tokenizer, save_model
+    from alignment.runs import Run, seed_everything
+    from alignment.world import load_world, world_artifact
+
+    # --- setup
+    run = Run.start(cfg, "discriminators", runs_dir=cfg.runs_dir, name=cfg.name, resume=cfg.resume)
+    world_path = Path(cfg.data) if cfg.data else world_artifact(cfg.world, cfg.runs_dir)
+    world = load_world(world_path)
+    run.add_meta("data", {"world": str(world_path)})
+    tokenizer = load_tokenizer(cfg.model.name_or_path or world_path / "tokenizer")
+    # Batches of 64 short sequences: more threads than cores only add contention (2 cores here).
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    load_before = os.getloadavg()[0]
+
+    # --- data: the holdout sets are shared by both sets, so their numbers compare
+    data = {(split, what): make_examples(world, split, what, cfg.train_examples, cfg.seed + i)
+            for i, (split, what) in enumerate((s, w) for s in SETS for w in CLASSIFIERS)}
+    holdout = {what: make_examples(world, "holdout", what, cfg.eval_examples, cfg.seed + 100 + i)
+               for i, what in enumerate(CLASSIFIERS)}
+
+    # --- train and evaluate the four classifiers
+    results: dict = {}
+    steps = {"relevance": cfg.relevance_steps, "nli": cfg.nli_steps}
+    for split in SETS:
+        for what, names in CLASSIFIERS.items():
+            seed_everything(cfg.seed)  # same initial weights for both sets: they differ only by their characters
+            out = run.path(f"{split}/{what}")
+            model, reused = load_or_build(cfg, tokenizer, names, out)
+            fmt, train, test = FORMATS[what], data[(split, what)], holdout[what]
+            texts = [fmt(*args) for args, _ in train]
+            timing = {} if reused else train_classifier(
+                model, tokenizer, texts, [y for _, y in train], cfg, steps[what], f"{split}/{what}", run)
+            if not reused:
+                save_model(model, tokenizer, out)
+            metrics = evaluate_classifier(model, tokenizer, [fmt(*args) for args, _ in test], [y for _, y in test],
+                                          names, cfg.max_length)
+            # Holdout characters share the grammar's sentences: report how many inputs were seen verbatim.
+            seen = set(texts)
+            metrics["seen_in_training"] = sum(fmt(*args) in seen for args, _ in test) / len(test)
+            results.setdefault(split, {})[what] = {**metrics, **timing, "path": str(out)}
+            run.log(steps[what], **{f"{split}/{what}/eval/{k}": v for k, v in metrics.items() if k != "recall"},
+                    **{f"{split}/{what}/eval/recall_{k}": v for k, v in metrics["recall"].items()})
+            print(summary_line(f"{split}/{what}", results[split][what]))
+
+    # --- summary
+    load_after = os.getloadavg()[0]
+    min_recall = min(r["min_recall"] for s in SETS for r in results[s].values())
+    results.update({"target_recall": TARGET_RECALL, "min_recall": min_recall, "meets_target": min_recall >= TARGET_RECALL,
+                    "train_seconds": sum(r.get("train_seconds", 0.0) for s in SETS for r in results[s].values()),
+                    "load_average": [load_before, load_after], "threads": torch.get_num_threads(),
+                    "world": str(world_path)})
+    print(f"discriminators: {results['train_seconds']:.0f}s training, min recall {min_recall:.3f} "
+          f"(target {TARGET_RECALL}), load average {load_before:.1f} -> {load_after:.1f}; {run.dir}")
+    run.finish(results)
+    return run.dir
+
+
+def summary_line(name: str, r: dict) -> str:
+    recall = ", ".join(f"{k} {v:.3f}" for k, v in r["recall"].items())
+    timing = (f"; {r['steps']} steps in {r['train_seconds']:.1f}s ({r['steps_per_second']:.0f}/s)"
+              if "steps" in r else "; loaded from the resumed run")
+    return (f"{name}: holdout accuracy {r['accuracy']:.3f}, recall {recall} ({r['examples']} examples, "
+            f"{r['seen_in_training']:.0%} seen in training){timing}")
+
+
+# --- for other stages ---------------------------------------------------------------------------------------------
+def discriminators_artifact(cfg: DiscriminatorConfig) -> Path:
+    """Both discriminator sets for a config, trained once and cached under runs/cache/apc-discriminators-<hash>/run/
+    (the training run itself); run fields (name, resume, runs_dir) do not enter the key."""
+    from alignment.cache import cached_artifact
+    from alignment.world import world_artifact
+
+    world = cfg.data or str(world_artifact(cfg.world, cfg.runs_dir))
+    key = replace(cfg, name=None, resume=False, runs_dir="")
+    build = lambda out: main(replace(cfg, data=world, runs_dir=str(out), name="run", resume=False))
+    return cached_artifact("apc-discriminators", key, build, runs_dir=cfg.runs_dir) / "run"
+
+
+def load_scorer(path: str | os.PathLike, set: Literal["reward", "evaluator"] = "reward", **kw):
+    """A `rewards.apc.APCScorer` over the relevance and NLI classifiers of one set in a discriminators run
+    directory, with the input formats they were trained on; `kw` goes to APCScorer (batch_size, device, ...)."""
+    from alignment.models import load_sequence_classifier, load_tokenizer
+    from rewards.apc import APCScorer
+
+    if set not in SETS:
+        raise ValueError(f"set must be one of {list(SETS)}, got {set!r}")
+    models = []
+    for what, names in CLASSIFIERS.items():
+        directory = Path(path) / set / what
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"{directory}: no classifier here; train one: python -m rewards.train "
+                                    "config=apc_discriminators.yaml")
+        tokenizer = load_tokenizer(directory)
+        models += [load_sequence_classifier(ModelConfig(name_or_path=str(directory)), tokenizer, list(names)),
+                   tokenizer]
+    return APCScorer(*models, relevance_text=world_relevance_text, nli_text=world_nli_text, **kw)
+
+
+if __name__ == "__main__":
+    from alignment.config import run_cli
+
+    run_cli(DiscriminatorConfig, main)
