@@ -74,13 +74,17 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(runs, tmp_path):
     """Kill a run with SIGKILL mid-training; `resume=true` continues from its last checkpoint (not step 0) and logs
     the same training loss as an uninterrupted run at every step, to 1e-4."""
     cfg = replace(tiny_config(runs), epochs=12)  # ~36 steps, so the kill lands mid-training
-    reference = main(replace(cfg, name="uninterrupted"))
+    # Both runs sample their pairs in a subprocess with the same thread count, so they sample the same pairs.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "alignment.dpo", f"runs_dir={runs}"] + overrides(cfg)
+    subprocess.run(command + ["name=uninterrupted"], check=True, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    reference = runs / "uninterrupted"
     expected = {m["step"]: m["loss"] for m in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())
                 if "loss" in m}
 
-    argv = [sys.executable, "-m", "alignment.dpo", f"runs_dir={runs}", "name=killed"] + overrides(cfg)
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(command + ["name=killed"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=tmp_path, env=env)
     metrics = runs / "killed" / "metrics.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and not (metrics.exists() and logged_steps(metrics) >= 10):
@@ -90,6 +94,7 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(runs, tmp_path):
     assert not (runs / "killed" / "DONE").exists(), "the run finished before it could be killed"
     killed_at = logged_steps(metrics)
 
+    assert (runs / "killed" / "pairs.jsonl").read_text() == (reference / "pairs.jsonl").read_text()
     resumed = main(replace(cfg, name="killed", resume=True))
     got = {m["step"]: m["loss"] for m in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines())
            if "loss" in m}
