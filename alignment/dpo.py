@@ -264,9 +264,8 @@ def main(cfg: DPOConfig) -> Path:
     bar = tqdm(total=total, initial=step, desc="dpo")
     while step < total:
         epoch, i = divmod(step, steps_per_epoch)
-        if i == 0 and step > 0 and (state is None or state["step"] != step):
+        if i == 0 and step > 0:  # a new epoch draws its order (a checkpoint at an epoch end holds the old one)
             perm = torch.randperm(len(pairs), generator=order)
-        state = None
         idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
         batch = {k: v.to(policy.device) for k, v in make_batch(idx).items()}
         loss, rc, rr = dpo_step_loss(cfg, policy, batch, ref[idx].to(policy.device), votes[idx].to(policy.device))
