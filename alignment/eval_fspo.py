@@ -7,6 +7,7 @@ Rows (the comparisons of the FSPO paper, research/apc_fspo.md §2.6, on the pers
 
     base                 the starting (SFT) policy, no user context: the reference every row is compared with
     few-shot prompting   the base policy with the user's k shots in its prompt, no training
+    few-shot Pref-FT     FSPO's stage 1 alone (NLL of chosen responses given shots; when trained with one)
     population           DPO/IPO on the same training targets without user context (FSPO with k = 0)
     FSPO                 the trained policy with the user's k shots
     oracle persona       the base policy with the user's stated preferences in its system turn (the world's SFT
@@ -32,8 +33,9 @@ import numpy as np
 
 from alignment.stats import bootstrap_ci, excludes_zero, format_ci, paired_difference_ci
 
-ROWS = ("base", "few-shot prompting", "population", "FSPO", "oracle persona")
-DIFFERENCES = (("FSPO", "few-shot prompting"), ("FSPO", "population"), ("FSPO", "oracle persona"))
+ROWS = ("base", "few-shot prompting", "few-shot Pref-FT", "population", "FSPO", "oracle persona")
+DIFFERENCES = (("FSPO", "few-shot prompting"), ("FSPO", "population"), ("FSPO", "few-shot Pref-FT"),
+               ("FSPO", "oracle persona"))
 
 
 @dataclass
@@ -139,10 +141,11 @@ def description_agreement(descriptions: list[str], personas: list[str]) -> float
                           for d, p in zip(descriptions, personas, strict=True)]))
 
 
-def evaluate_world(cfg, world: dict, tokenizer, base, trained, population, out_dir: Path) -> dict:
+def evaluate_world(cfg, world: dict, tokenizer, base, trained, population, out_dir: Path, pref_ft=None) -> dict:
     """Every row and the k curve on the world's test users; writes results.md, the plot and samples.jsonl.
 
-    `cfg` is the FSPOConfig of the trained policy (format, describe, k_max, seed, eval settings)."""
+    `cfg` is the FSPOConfig of the trained policy (format, describe, k_max, seed, eval settings); `pref_ft` the
+    stage-1 policy, if there was a stage 1."""
     from alignment.runs import atomic_write_text
     from alignment.shots import FORMATS
 
@@ -158,9 +161,12 @@ def evaluate_world(cfg, world: dict, tokenizer, base, trained, population, out_d
     shots_k, _ = few_shot_prompts(tokenizer, fmt, cases, k, budget, False)
     texts = {"base": sample_row(base, tokenizer, plain, settings, seed),
              "few-shot prompting": sample_row(base, tokenizer, shots_k, settings, seed),
-             "population": sample_row(population, tokenizer, plain, settings, seed),
-             "oracle persona": sample_row(base, tokenizer, [with_persona(p, personas[u]) for p, (u, _) in
-                                                            zip(plain, keys, strict=True)], settings, seed)}
+             "population": sample_row(population, tokenizer, plain, settings, seed)}
+    if pref_ft is not None:  # with describe, stage 1 learned to write the description too
+        rows = sample_row(pref_ft, tokenizer, shots_k, settings, seed)
+        texts["few-shot Pref-FT"] = [fmt.split(t)[1] for t in rows] if cfg.describe else rows
+    texts["oracle persona"] = sample_row(base, tokenizer, [with_persona(p, personas[u]) for p, (u, _) in
+                                                           zip(plain, keys, strict=True)], settings, seed)
     curve, mean_shots = {}, {}
     for kk in sorted(set(settings.k_curve) | {k}):
         prompts, mean_shots[kk] = few_shot_prompts(tokenizer, fmt, cases, kk, budget, cfg.describe)
@@ -179,9 +185,9 @@ def evaluate_world(cfg, world: dict, tokenizer, base, trained, population, out_d
     results = {
         "users": len(cases), "prompts": len(keys), "k": k, "k_max_trained": cfg.k_max,
         "rows": {name: {"win_rate": ci(win[name]), "reward": ci(rewards[name]),
-                        "valid": float(np.mean(rewards[name] > -10.0))} for name in ROWS},
+                        "valid": float(np.mean(rewards[name] > -10.0))} for name in ROWS if name in texts},
         "differences": {f"{a} - {b}": paired_difference_ci(win[a], win[b], groups, seed=seed)
-                        for a, b in DIFFERENCES},
+                        for a, b in DIFFERENCES if b in texts},
         "k_curve": {str(kk): {"win_rate": ci(w), "mean_shots": mean_shots[kk]} for kk, w in curve_win.items()},
     }
     seen = [kk for kk in sorted(curve_win) if kk <= cfg.k_max]
@@ -299,8 +305,10 @@ def main(cfg: EvalFSPOConfig) -> Path:
     length = positions(replace(fspo_cfg, evaluate=True))
     tokenizer, base = load_policy(policy_dir, length)
     trained = load_policy(Path(cfg.policy) if cfg.policy else final_model(Path(cfg.fspo)), length)[1]
+    stage1 = Path(cfg.fspo) / "pref_ft"
+    pref_ft = load_policy(stage1, length)[1] if stage1.exists() else None
     results = evaluate_world(fspo_cfg, load_world(world_dir), tokenizer, base, trained,
-                             population_policy(fspo_cfg, world_dir, policy_dir), run.dir)
+                             population_policy(fspo_cfg, world_dir, policy_dir), run.dir, pref_ft)
     run.finish(results)
     return run.dir
 

@@ -276,7 +276,7 @@ def format_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy_vs_k(results: dict, path: Path) -> Path:
+def plot_accuracy_vs_k(results: dict, path: Path, title: str | None = None) -> Path:
     """Unseen-user micro accuracy against k per method, 95% bands; the Bayes ceiling dashed."""
     import matplotlib
 
@@ -295,7 +295,7 @@ def plot_accuracy_vs_k(results: dict, path: Path) -> Path:
     ax.set_xticks(x, [str(k) for k in ks])
     ax.set_xlabel("k (labelled pairs of the user)")
     ax.set_ylabel("pairwise accuracy, unseen users (%)")
-    ax.set_title(Path(results["source"]).name, fontsize=9)
+    ax.set_title(title or Path(results["source"]).name, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -310,7 +310,8 @@ def write_report(results: dict, out_dir: Path) -> str:
 
     text = format_report(results)
     atomic_write_text(Path(out_dir) / "results.md", text + "\n")
-    plot_accuracy_vs_k(results, Path(out_dir) / "accuracy_vs_k.png")
+    title = f"{Path(out_dir).name} on {Path(results['source']).name}"
+    plot_accuracy_vs_k(results, Path(out_dir) / "accuracy_vs_k.png", title)
     return text
 
 

@@ -81,6 +81,8 @@ class FSPOConfig:
     loss: Literal["sigmoid", "ipo"] = "ipo"
     beta: float = 0.1  # IPO on per-token averages targets a margin of 1 / (2 beta) nats per token
     sft_weight: float = 0.0  # + this times the per-token NLL of chosen (RPO, arXiv:2404.19733)
+    sft_epochs: int = 0  # stage 1, the paper's: epochs of NLL on the chosen responses given the shots ("Pref-FT")
+    sft_lr: float = 3e-3  # stage 1 peak lr (warmup then cosine, as alignment/sft.py)
     lr: float = 3e-4  # peak; linear decay to 0
     epochs: int = 2
     batch_size: int = 16
@@ -360,7 +362,7 @@ def lengths_of(encoded: list) -> torch.Tensor:
 
 
 def step_loss(cfg: FSPOConfig, policy, batch: dict, ref: torch.Tensor):
-    """Mean DPO/IPO loss (+ sft_weight * per-token NLL of chosen) of one batch, and the per-pair rewards.
+    """Mean DPO/IPO loss (+ sft_weight * per-token NLL of chosen) of one batch, the per-pair rewards, the NLL.
 
     `ref` (B, 2) are the cached summed reference log-probs; losses that expect per-token averages
     (`losses.LENGTH_AVERAGED`, IPO) get policy and reference divided by the completion lengths."""
@@ -371,10 +373,8 @@ def step_loss(cfg: FSPOConfig, policy, batch: dict, ref: torch.Tensor):
     scale = counts if LENGTH_AVERAGED[cfg.loss] else torch.ones_like(counts)
     losses, rc, rr = LOSSES[cfg.loss](chosen / scale[:, 0], rejected / scale[:, 1], ref[:, 0] / scale[:, 0],
                                       ref[:, 1] / scale[:, 1], cfg.beta)
-    loss = losses.mean()
-    if cfg.sft_weight:  # RPO (arXiv:2404.19733 eq. 2): keeps the chosen likely, not only more likely than rejected
-        loss = loss - cfg.sft_weight * (chosen / counts[:, 0]).mean()
-    return loss, rc, rr
+    nll = -(chosen / counts[:, 0]).mean()  # RPO (arXiv:2404.19733 eq. 2): keeps the chosen likely, not only
+    return losses.mean() + cfg.sft_weight * nll, rc, rr, nll.detach()  # more likely than the rejected
 
 
 @torch.no_grad()
@@ -392,6 +392,46 @@ def implicit_accuracy(policy, ref_model, episodes: list, encoded: list, pad_id: 
     margin = delta[:, 0] - delta[:, 1]
     wins = (margin > 0).float() + 0.5 * (margin == 0).float()
     return {"pairs": len(encoded), "accuracy": wins.mean().item(), "margin": margin.mean().item()}
+
+
+def pref_ft_stage(cfg: FSPOConfig, run, base, episodes: list, tokenizer, persona: dict[str, str]):
+    """Stage 1 of the paper's recipe (apc_fspo.md §2.1): NLL of the chosen response given the few-shot prompt, for
+    `sft_epochs` over the episodes' labelled pairs, on a copy of `base`. It teaches the policy to read shots at
+    all (the world SFT policy has never seen one: 3% of its samples parse after 8 shots); the reference of
+    stage 2 is its result. Saved as `pref_ft/` in the run and loaded from there on resume."""
+    import copy
+
+    from alignment.models import save_model
+    from alignment.sft import lr_lambda as warmup_cosine
+
+    if run.path("pref_ft").exists():
+        return load_policy(run.path("pref_ft"), positions(cfg))[1]
+    kept = encode_episodes(cfg, episodes, tokenizer, persona)[0]
+    chosen_only = [replace(enc, rejected=[]) for _, enc in kept]  # rejected rows score nothing (empty)
+    groups = shot_groups([e for e, _ in kept])
+    make_batch = batches_of(groups, chosen_only, tokenizer.pad_token_id)
+    model = copy.deepcopy(base).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
+    per_batch = max(1, cfg.batch_size // cfg.targets_per_shots)
+    order = torch.Generator().manual_seed(cfg.seed + 2)
+    plans = [bucketed_order([len(chosen_only[g[0]].prompt) for g in groups], per_batch, order)
+             for _ in range(cfg.sft_epochs)]
+    total = sum(len(p) for p in plans)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(1, total // 10), total))
+    for step, idx in enumerate((i for plan in plans for i in plan), start=1):
+        batch = {k: v.to(model.device) for k, v in make_batch(idx)[0].items()}
+        chosen, _ = shared_prompt_logps(model, batch)
+        nll = -(chosen / token_counts(batch)[:, 0]).mean()
+        nll.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % cfg.log_every == 0 or step == total:
+            # logged at steps <= 0, before stage 2's, so that a resumed stage 2 keeps these lines
+            run.log(step - total, **{"pref_ft/nll": nll.item(), "pref_ft/lr": scheduler.get_last_lr()[0]})
+    save_model(model.eval(), tokenizer, run.path("pref_ft"))
+    return model
 
 
 def lr_lambda(total: int):
@@ -433,16 +473,19 @@ def main(cfg: FSPOConfig) -> Path:
     average = LENGTH_AVERAGED[cfg.loss]
     pad = tokenizer.pad_token_id
 
-    # --- data: episodes per user (seeded), targets, token budget; written once per run, read back on resume
+    # --- data: episodes per user (seeded); stage 1 (Pref-FT) on their labelled pairs; the targets of stage 2 (the
+    # labelled pairs, or ranked samples of the stage-1 policy); the token budget. Each result is written into the
+    # run once and read back on resume.
     rng = np.random.default_rng(cfg.seed)
+    episodes = sample_episodes(users.shots["train"], cfg.episodes_per_user, cfg.k_min, cfg.k_max, rng,
+                               targets_per_shots=cfg.targets_per_shots)
+    start = pref_ft_stage(cfg, run, base, episodes, tokenizer, users.persona) if cfg.sft_epochs else base
     if not run.path("episodes.jsonl").exists():
-        episodes = sample_episodes(users.shots["train"], cfg.episodes_per_user, cfg.k_min, cfg.k_max, rng,
-                                   targets_per_shots=cfg.targets_per_shots)
         if cfg.targets == "on_policy":
             from alignment.eval_fspo import true_reward_fn
 
             sampled = len(episodes)
-            episodes, ties = on_policy_targets(cfg, episodes, base, tokenizer, true_reward_fn(world))
+            episodes, ties = on_policy_targets(cfg, episodes, start, tokenizer, true_reward_fn(world))
             run.add_meta("on_policy_dropped", ties)
             if not episodes:
                 raise RuntimeError(f"targets=on_policy: the samples of all {sampled} episodes tie in true reward "
@@ -461,13 +504,13 @@ def main(cfg: FSPOConfig) -> Path:
         raise RuntimeError("an example has no target token")
     if not run.path("ref_logps.safetensors").exists():
         t0 = time.time()
-        save_file({"ref": reference_logps(base, episodes, encoded, pad, cfg.batch_size)},
+        save_file({"ref": reference_logps(start, episodes, encoded, pad, cfg.batch_size)},
                   str(run.path("ref_logps.safetensors")))
         run.add_meta("ref_logps_seconds", time.time() - t0)
     ref = load_file(str(run.path("ref_logps.safetensors")))["ref"]  # (N, 2) summed over completion tokens
 
     # --- policy, optimizer, schedule, data order (a seeded generator, checkpointed)
-    policy = copy.deepcopy(base)
+    policy = copy.deepcopy(start)  # the reference is `start` too: it sees the same context
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     # a batch is `batch_size` episodes' worth of shot groups; groups are bucketed by their prompt length
     lengths = [len(encoded[g[0]].prompt) for g in groups]
@@ -491,7 +534,7 @@ def main(cfg: FSPOConfig) -> Path:
         state = None
         batch, idx = make_batch(plan[i])
         batch = {k: v.to(policy.device) for k, v in batch.items()}
-        loss, rc, rr = step_loss(cfg, policy, batch, ref[idx].to(policy.device))
+        loss, rc, rr, nll = step_loss(cfg, policy, batch, ref[idx].to(policy.device))
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()
@@ -500,7 +543,8 @@ def main(cfg: FSPOConfig) -> Path:
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
-            run.log(step, epoch=epoch, loss=loss.item(), grad_norm=grad_norm.item(), lr=scheduler.get_last_lr()[0],
+            run.log(step, epoch=epoch, loss=loss.item(), nll=nll.item(), grad_norm=grad_norm.item(),
+                    lr=scheduler.get_last_lr()[0],
                     reward_margin=(rc - rr).mean().item(), reward_accuracy=(rc > rr).float().mean().item())
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.checkpoint_every == 0 or step == total:
@@ -511,13 +555,14 @@ def main(cfg: FSPOConfig) -> Path:
 
     # --- held-out users: implicit-reward accuracy on val users' episodes, then the full evaluation
     results = {"episodes": len(encoded), "steps": total, "train_seconds": train_seconds,
-               "held_out": held_out(cfg, users, policy, base, tokenizer, average)}
+               "held_out": held_out(cfg, users, policy, start, tokenizer, average)}
     log.info("held-out users, implicit-reward accuracy: %s", results["held_out"])
     if cfg.evaluate and world is not None:
         from alignment.eval_fspo import evaluate_world
 
         population = population_policy(cfg, world_dir, policy_dir)
-        results["eval"] = evaluate_world(cfg, world, tokenizer, base, policy, population, run.dir)
+        pref_ft = start if cfg.sft_epochs else None
+        results["eval"] = evaluate_world(cfg, world, tokenizer, base, policy, population, run.dir, pref_ft)
     run.finish(results)
     return run.dir
 

@@ -36,7 +36,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from decoding import combiners
-from decoding.generate import generate
+from decoding.generate import decode_steps
 from decoding.guides import Guide, left_pad
 from decoding.processors import RuleProcessor, drift_rule, genarm_rule, pad_rule
 
@@ -126,19 +126,20 @@ def hf_guided(models, w, n, method, guide):
 
 
 def ours(models, w, n, method=None, guide=None):
+    """Our decoding as a generator of steps; the rule (the guide's prefill) is built inside the first step."""
     rule = rules(models, w, method, guide) if method else None
-    return generate(models["base"], *left_pad(w["prompts"], PAD), rule, max_new_tokens=n, min_new_tokens=n,
-                    eos_token_id=EOS, pad_token_id=PAD)
+    yield from decode_steps(models["base"], *left_pad(w["prompts"], PAD), rule, max_new_tokens=n, min_new_tokens=n,
+                            eos_token_id=EOS, pad_token_id=PAD)
 
 
-def one_at_a_time(models, w, n, method, guide):
-    return torch.cat([ours(models, only(w, u), n, method, guide) for u in range(len(w["prompts"]))])
+def one_at_a_time(models, w, n, method, guide, users: int):
+    for u in range(users):
+        yield from ours(models, only(w, u), n, method, guide)
 
 
 @torch.inference_mode()
 def released_pad(models, w, n, users: int, guide: str = "guide"):
     """PAD.py's loop: per user, per token, full-prefix forwards of base and guide (no cache), top-10 rule."""
-    out = []
     for u in range(users):
         base_ids = torch.tensor([w["prompts"][u]])
         guide_ids = torch.tensor([w["prompts"][u] + w["preferences"][u]])
@@ -148,80 +149,121 @@ def released_pad(models, w, n, users: int, guide: str = "guide"):
             zb[:, EOS] = float("-inf")  # EOS ignored, as in the other runs
             token = combiners.keep_masked(zb, combiners.pad_scores(zb, zg, torch.ones(1), 10)).argmax(-1, keepdim=True)
             base_ids, guide_ids = torch.cat([base_ids, token], 1), torch.cat([guide_ids, token], 1)
-        out.append(base_ids[0, -n:])
-    return torch.stack(out)
+            yield token[:, 0]
 
 
-def timed(fn) -> tuple[float, torch.Tensor]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
+# --- measurement ----------------------------------------------------------------------------------------------------
+def interleaved(candidate, baseline, steps_per_run: int) -> dict:
+    """Run two decodings step by step in alternation, timing each step, so that load that comes and goes on a
+    shared machine hits both alike. The candidate runs once; the baseline restarts whenever it finishes, and its
+    time is reported per run of `steps_per_run` steps. ratio = candidate time / baseline time per run."""
+    runs, t, steps = {"c": candidate(), "b": baseline()}, {"c": 0.0, "b": 0.0}, {"c": 0, "b": 0}
+    out = {"c": [], "b": []}
+    while runs["c"] is not None:
+        for k in ("c", "b"):
+            t0 = time.perf_counter()
+            try:
+                token = next(runs[k])
+            except StopIteration:
+                if k == "c":
+                    runs["c"] = None
+                    break
+                runs["b"], token = baseline(), None
+            t[k] += time.perf_counter() - t0
+            if token is not None:
+                steps[k] += 1
+                out[k].append(token)
+    per_run = t["b"] / steps["b"] * steps_per_run
+    return {"candidate_s": t["c"], "baseline_s": per_run, "ratio": t["c"] / per_run,
+            "candidate_tokens": out["c"], "baseline_tokens": out["b"][:steps_per_run]}
 
 
-def paired(baseline, candidate, repeats: int) -> dict:
-    """Time two runs alternately (the order flips every repeat), so that load that comes and goes on a shared
-    machine hits both: the ratio is the median of the per-repeat ratios candidate / baseline."""
-    a, b, ratios = [], [], []
-    for i in range(repeats):
-        first, second = (baseline, candidate) if i % 2 == 0 else (candidate, baseline)
-        (t1, o1), (t2, o2) = timed(first), timed(second)
-        (ta, out_a), (tb, out_b) = ((t1, o1), (t2, o2)) if i % 2 == 0 else ((t2, o2), (t1, o1))
-        a.append(ta), b.append(tb), ratios.append(tb / ta)
-    same = float((out_a == out_b).float().mean()) if out_a.shape == out_b.shape else 0.0
-    return {"baseline_s": statistics.median(a), "candidate_s": statistics.median(b),
-            "ratio": statistics.median(ratios), "ratios": ratios, "same_tokens": same}
+def measure(candidate, baseline, steps_per_run: int, repeats: int) -> dict:
+    """`interleaved` `repeats` times; medians, plus the share of equal tokens where the two must agree."""
+    rs = [interleaved(candidate, baseline, steps_per_run) for _ in range(repeats)]
+    ratios = [r["ratio"] for r in rs]
+    return {"ratio": statistics.median(ratios), "ratios": ratios,
+            "candidate_s": statistics.median(r["candidate_s"] for r in rs),
+            "baseline_s": statistics.median(r["baseline_s"] for r in rs), "last": rs[-1]}
 
 
-def suite(models: dict, users: int, n: int, repeats: int, released_users: int) -> dict:
-    """Every comparison as a paired measurement (see `paired`); ratio = candidate time / baseline time."""
+def agreement(sequential: list[torch.Tensor], batched: list[torch.Tensor], users: int) -> float:
+    """Share of equal tokens between a one-user-at-a-time run (steps of user 0, then user 1, ...) and the first
+    `users` rows of a batched run (one (B,) tensor per step)."""
+    a = torch.cat(sequential).view(users, -1)
+    b = torch.stack(batched, 1)[:users]
+    return float((a == b).float().mean()) if a.shape == b.shape else 0.0
+
+
+def whole_runs(models, w, n, repeats: int) -> dict:
+    """HF generate plain, our plain loop, and PAD as a LogitsProcessor inside HF generate, whole runs alternated
+    (HF's loop cannot be stepped from outside); ratios against HF plain."""
+    runs = {"hf": lambda: hf_plain(models, w, n), "ours": lambda: torch.stack(list(ours(models, w, n)), 1),
+            "pad_processor": lambda: hf_guided(models, w, n, "pad", "guide")}
+    seconds, tokens = {k: [] for k in runs}, {}
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            tokens[k] = fn()
+            seconds[k].append(time.perf_counter() - t0)
+    ratio = lambda k: statistics.median(x / h for x, h in zip(seconds[k], seconds["hf"], strict=True))
+    return {"hf_s": statistics.median(seconds["hf"]), "ours_vs_hf": ratio("ours"),
+            "pad_processor_vs_hf": ratio("pad_processor"),
+            "same_tokens": float((tokens["hf"] == tokens["ours"]).float().mean())}
+
+
+def suite(models: dict, users: int, n: int, repeats: int, sample_users: int) -> dict:
+    """Every comparison interleaved step by step against its baseline; ratio = candidate / baseline time."""
     w = workload(models["base"].config.vocab_size, users)
-    plain = lambda: hf_plain(models, w, n)
-    c = {"ours_plain": paired(plain, lambda: ours(models, w, n), repeats)}
+    plain = lambda: ours(models, w, n)
+    c = {}
     for method in ("pad", "genarm"):
         for guide in ("guide", "small"):
-            c[f"{method}_{guide}"] = paired(plain, lambda m=method, g=guide: ours(models, w, n, m, g), repeats)
-    c["pad_processor"] = paired(plain, lambda: hf_guided(models, w, n, "pad", "guide"), repeats)
+            c[f"{method}_{guide}"] = measure(lambda m=method, g=guide: ours(models, w, n, m, g), plain, n, repeats)
     for method, guide in (("pad", "guide"), ("drift", "small")):
         hetero = lambda m=method, g=guide: ours(models, w, n, m, g)
-        c[f"{method}_homo_vs_hetero"] = paired(hetero, lambda m=method, g=guide: ours(models, homogeneous(w), n, m, g),
-                                               repeats)
-        c[f"{method}_alone_vs_batched"] = paired(hetero, lambda m=method, g=guide: one_at_a_time(models, w, n, m, g),
-                                                 1)
-    released = paired(lambda: ours(models, only_first(w, released_users), n, "pad", "guide"),
-                      lambda: released_pad(models, w, n, released_users), 1)
-    batched = c["pad_alone_vs_batched"]["baseline_s"]  # ours, all users batched, same rule
-    released.update(scaled_s=released["candidate_s"] * users / released_users,
-                    ratio=released["candidate_s"] * users / released_users / batched)
-    c["released_vs_ours"] = released
+        c[f"{method}_homo_vs_hetero"] = measure(lambda m=method, g=guide: ours(models, homogeneous(w), n, m, g),
+                                                hetero, n, repeats)
+        alone = measure(lambda m=method, g=guide: one_at_a_time(models, w, n, m, g, sample_users), hetero, n, 1)
+        # one user at a time: `sample_users` users timed, scaled to all (sequential, the same work per user)
+        c[f"{method}_alone_vs_batched"] = {**alone, "ratio": alone["ratio"] * users / sample_users}
+    released = measure(lambda: released_pad(models, w, n, sample_users), lambda: ours(models, w, n, "pad", "guide"),
+                       n, 1)
+    c["released_vs_ours"] = {**released, "ratio": released["ratio"] * users / sample_users}
+    same = {f"{m}_alone_vs_batched": agreement(c[f"{m}_alone_vs_batched"]["last"]["candidate_tokens"],
+                                               c[f"{m}_alone_vs_batched"]["last"]["baseline_tokens"], sample_users)
+            for m in ("pad", "drift")}
+    same["released_vs_ours"] = agreement(released["last"]["candidate_tokens"], released["last"]["baseline_tokens"],
+                                         sample_users)
+    hf = whole_runs(models, w, n, repeats)
+    same["ours_vs_hf_plain"] = hf.pop("same_tokens")
+    for r in c.values():
+        del r["last"]
     tokens = users * n
-    tps = {"plain_hf": tokens / c["ours_plain"]["baseline_s"], "plain_ours": tokens / c["ours_plain"]["candidate_s"],
+    tps = {"plain_hf": tokens / hf["hf_s"], "plain_ours": tokens / c["pad_guide"]["baseline_s"],
            "pad_guide": tokens / c["pad_guide"]["candidate_s"],
-           "genarm_guide": tokens / c["genarm_guide"]["candidate_s"],
-           "pad_batched": tokens / batched, "released_pad": tokens / released["scaled_s"]}
-    return {"params": {k: params(m) for k, m in models.items()}, "comparisons": c, "tokens_per_second": tps}
+           "genarm_guide": tokens / c["genarm_guide"]["candidate_s"]}
+    return {"params": {k: params(m) for k, m in models.items()}, "comparisons": c, "hf_whole_runs": hf,
+            "tokens_per_second": tps, "same_tokens": same}
 
 
-def only_first(w: dict, k: int) -> dict:
-    return {**w, "prompts": w["prompts"][:k], "preferences": w["preferences"][:k], "weights": w["weights"][:k]}
-
-
-def report(name: str, r: dict, users: int, n: int, released_users: int) -> None:
-    p, c, tps = r["params"], r["comparisons"], r["tokens_per_second"]
+def report(name: str, r: dict, users: int, n: int, sample_users: int) -> None:
+    p, c, tps, hf = r["params"], r["comparisons"], r["tokens_per_second"], r["hf_whole_runs"]
     x = {k: v["ratio"] for k, v in c.items()}
     print(f"\n== {name}: base {p['base'] / 1e6:.2f}M, small guide {p['small'] / 1e6:.2f}M parameters "
           f"({p['small'] / p['base']:.2f}x); {users} users x {n} new tokens")
-    print(f"plain: HF generate {tps['plain_hf']:.0f} tok/s; our loop takes {x['ours_plain']:.2f}x its time")
+    print(f"plain: our loop {tps['plain_ours']:.0f} tok/s; HF generate {tps['plain_hf']:.0f} tok/s (whole runs: our "
+          f"loop takes {hf['ours_vs_hf']:.2f}x its time; PAD as a LogitsProcessor in HF generate "
+          f"{hf['pad_processor_vs_hf']:.2f}x)")
     for m in ("pad", "genarm"):
         print(f"{m}: same-size guide {x[f'{m}_guide']:.2f}x plain, 1/8-size guide {x[f'{m}_small']:.2f}x")
-    print(f"pad as a LogitsProcessor inside HF generate: {x['pad_processor']:.2f}x plain")
     for m in ("pad", "drift"):
         print(f"{m}: {users} different preferences reach {x[f'{m}_homo_vs_hetero']:.1%} of the throughput of one "
               f"shared preference; batched is {x[f'{m}_alone_vs_batched']:.1f}x faster than one user at a time")
     print(f"serving {users} users: ours (cached, batched) {x['released_vs_ours']:.1f}x faster than PAD's released "
-          f"loop (measured on {released_users} user(s), scaled to {users})")
+          f"loop (one user at a time and the PAD loop timed on {sample_users} user(s), scaled to {users})")
     print("same tokens where the paths must agree (greedy): " + ", ".join(
-        f"{k} {c[k]['same_tokens']:.1%}" for k in ("ours_plain", "pad_alone_vs_batched", "drift_alone_vs_batched"))
-          + f"; released vs ours (its users) {c['released_vs_ours']['same_tokens']:.1%}")
+        f"{k} {v:.1%}" for k, v in r["same_tokens"].items()))
 
 
 def main() -> dict:
@@ -230,7 +272,7 @@ def main() -> dict:
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--released-users", type=int, default=1)
+    parser.add_argument("--sample-users", type=int, default=2, help="users timed one at a time and in PAD's loop")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -246,8 +288,8 @@ def main() -> dict:
         else:
             models, source = {k: build(s, i) for i, (k, s) in enumerate(SHAPES[name].items())}, "random weights"
             models["guide"] = build(SHAPES[name]["base"], 7)
-        r = suite(models, args.users, args.new_tokens, args.repeats, args.released_users)
-        report(f"{name} ({source})", r, args.users, args.new_tokens, args.released_users)
+        r = suite(models, args.users, args.new_tokens, args.repeats, args.sample_users)
+        report(f"{name} ({source})", r, args.users, args.new_tokens, args.sample_users)
         figures[name] = {**r, "weights": source}
     figures["load_average"] = {"before": load_before, "after": os.getloadavg()}
     after = figures["load_average"]["after"][0]

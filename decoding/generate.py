@@ -28,6 +28,7 @@ true weights at `drift.pair_counts` pairs (decoding/drift.py).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -62,16 +63,18 @@ def pick_tokens(scores: torch.Tensor, temperature: float, generators: list[torch
 
 
 @torch.inference_mode()
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rule=None, *, max_new_tokens: int,
-             eos_token_id: int | list[int], pad_token_id: int, temperature: float = 0.0, min_new_tokens: int = 0,
-             seeds: list[int] | None = None) -> torch.Tensor:
-    """Decode a left-padded batch with one cached base forward per step and an optional guidance rule.
+def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rule=None, *, max_new_tokens: int,
+                 eos_token_id: int | list[int], pad_token_id: int, temperature: float = 0.0, min_new_tokens: int = 0,
+                 seeds: list[int] | None = None) -> Iterator[torch.Tensor]:
+    """Decode a left-padded batch with one cached base forward per step and an optional guidance rule, yielding
+    the (B,) tokens of every step as soon as they are chosen (for streaming, and for benchmarks that interleave
+    two decodings step by step).
 
     Args: input_ids, attention_mask (B, L) left-padded prompts; rule: a decoding.processors rule built for these
     B rows (None: plain decoding); eos_token_id one id or several; temperature 0 = greedy; min_new_tokens bans EOS
     before that many tokens (set it to max_new_tokens for fixed-length benchmarks); seeds: one per row for
-    batch-independent sampling.
-    Returns: (B, n) new tokens, n <= max_new_tokens (the loop stops when every row has emitted EOS), pad after EOS.
+    batch-independent sampling. Stops after max_new_tokens or when every row has emitted EOS; a finished row
+    gets pad_token_id (and its guides keep advancing on it, so no cache ever leaves lockstep).
     """
     from transformers import DynamicCache
 
@@ -84,7 +87,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rule=
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     generators = row_generators(seeds) if seeds is not None and temperature > 0 else None
     finished = torch.zeros(len(mask), dtype=torch.bool, device=device)
-    out = []
     for t in range(max_new_tokens):
         scores = logits.float()
         if t < min_new_tokens:
@@ -92,16 +94,20 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rule=
         if rule is not None:
             scores = rule(scores)
         token = pick_tokens(scores, temperature, generators).masked_fill(finished, pad_token_id)
-        out.append(token)
         finished |= torch.isin(token, eos)
-        if t + 1 == max_new_tokens or bool(finished.all()):
-            break
+        yield token
+        if t + 1 == max_new_tokens or bool(finished.all()):  # one host sync per step; noise next to a forward
+            return
         if rule is not None:
             rule.advance(token)
         mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                        past_key_values=cache, use_cache=True).logits[:, -1]
-    return torch.stack(out, dim=1)
+
+
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rule=None, **kw) -> torch.Tensor:
+    """`decode_steps` to the end: (B, n) new tokens, n <= max_new_tokens, pad after a row's EOS."""
+    return torch.stack(list(decode_steps(model, input_ids, attention_mask, rule, **kw)), dim=1)
 
 
 def encode_prompts(tokenizer, messages: list[list[dict]], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -82,6 +82,7 @@ class PersonaRMConfig:
     warmup: int = 30
     max_length: int = 256  # tokens of a conversation; longer prompts are cut from the left
     k_max: int = 16  # shots: k ~ U{0..k_max} in training
+    swap_users: float = 0.0  # shots: share of training episodes with every label swapped (SPL's opposing users)
     shot_tokens: int = 48  # shots: each side of a shot keeps at most this many differing tokens
     basis: int = 8  # weights: D, the number of basis rewards
     user_scale: float = 1.0  # weights: std of a user's deviation from the mean weights while training
@@ -360,17 +361,21 @@ def train_shots(model, tokenizer, data, cfg, run, tag: str) -> dict:
     targets = {u: [encode(p) for p in data.pairs[(u, "context")]] for u in users}
 
     def loss_fn(rng):
-        shots, rows = [], []
+        shots, rows, signs = [], [], []
         for u in rng.choice(users, size=cfg.episode_users, replace=False):
             pool = data.pairs[(u, "context")]
             order = rng.permutation(len(pool))
             k = int(rng.integers(0, min(cfg.k_max, len(pool) - cfg.episode_targets) + 1))
-            shots.append([pool[i] for i in order[:k]])
+            # A virtual opposing user (SPL, arXiv:2603.12595): every label of the episode swapped, shots and targets
+            # alike. Its preferences are the user's negated, so only the context tells the two apart.
+            swap = rng.random() < cfg.swap_users
+            shots.append([flipped(pool[i]) if swap else pool[i] for i in order[:k]])
             rows.append([t for i in order[k:k + cfg.episode_targets] for t in targets[u][i]])  # c0 r0 c1 r1 ...
+            signs += [-1.0 if swap else 1.0] * len(rows[-1][::2])
         vectors = shot_vectors(model, tokenizer, [s for user in shots for s in user], cfg.shot_tokens)
         contexts = list(vectors.split([len(user) for user in shots]))
         scores = score_in_context(model, contexts, rows, tokenizer.pad_token_id)[:, 0]
-        return bt_loss(scores[0::2] - scores[1::2])
+        return bt_loss(torch.tensor(signs, device=scores.device) * (scores[0::2] - scores[1::2]))
 
     return {"fit": fit(model, [], loss_fn, cfg.steps[tag], cfg, run, tag)}
 

@@ -237,6 +237,19 @@ def test_resume_replays_the_uninterrupted_run(world_dir, world_policy, tmp_path)
     assert (crashed / "ref_logps.safetensors").stat().st_mtime_ns == ref_mtime  # read back, not recomputed
 
 
+def test_pref_ft_stage_lowers_the_nll_of_chosen_and_becomes_the_reference(world_dir, world_policy, tmp_path):
+    import alignment.fspo as fspo
+
+    run = fspo.main(world_cfg(world_dir, world_policy, tmp_path, sft_epochs=3, epochs=1, sft_lr=1e-2))
+    nll = [m["pref_ft/nll"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+           if "pref_ft/nll" in m]
+    assert len(nll) >= 6 and np.mean(nll[-3:]) < np.mean(nll[:3]) - 0.5  # a random model starts at ~log(V) = 5.9
+    first_stage2 = json.loads((run / "metrics.jsonl").read_text().splitlines()[len(nll)])
+    # step 1 is scored before its update: the policy is still the stage-1 model, so the margin is 0 only if that
+    # model is also the reference
+    assert first_stage2["step"] == 1 and abs(first_stage2["reward_margin"]) < 1e-3
+
+
 def test_on_policy_with_an_untrained_policy_fails_with_a_clear_error(world_dir, world_policy, tmp_path):
     import alignment.fspo as fspo
 
@@ -251,9 +264,13 @@ def test_world_smoke_with_evaluation_and_description_variant(world_dir, world_po
 
     settings = EvalSettings(users=2, prompts_per_user=2, k_curve=[0, 2, 5], max_new_tokens=12, max_length=448)
     run = fspo.main(world_cfg(world_dir, world_policy, tmp_path, describe=True, evaluate=True, eval=settings,
-                              epochs=1))
+                              epochs=1, sft_epochs=1, sft_weight=1.0))
     results = json.loads((run / "results.json").read_text())["eval"]
-    assert set(results["rows"]) == {"base", "few-shot prompting", "population", "FSPO", "oracle persona"}
+    assert set(results["rows"]) == {"base", "few-shot prompting", "few-shot Pref-FT", "population", "FSPO",
+                                    "oracle persona"}
+    assert (run / "pref_ft" / "model.safetensors").exists() and 0 <= results["description_agreement"] <= 1
+    stage1 = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in stage1 if "pref_ft/nll" in m][-1] == 0  # stage 1 logs before stage 2's steps
     assert results["rows"]["base"]["win_rate"]["mean"] == 0.5
     assert set(results["k_curve"]) == {"0", "2", "3", "5"} and results["prompts"] == 4
     assert results["k_curve"]["5"]["mean_shots"] == 5.0  # test users have 5 context pairs

