@@ -85,8 +85,8 @@ def prerequisites(cfg: DPOConfig) -> tuple[Path, Path, Path]:
     world = world_artifact(cfg.world, cfg.runs_dir)
     policy = Path(cfg.policy) if cfg.policy else policy_artifact(replace(cfg.sft, world=cfg.world,
                                                                           runs_dir=cfg.runs_dir))
-    discs = Path(cfg.discriminators) if cfg.discriminators else discriminators_artifact(
-        replace(cfg.disc, world=cfg.world, runs_dir=cfg.runs_dir))
+    discs = Path(cfg.discriminators) if cfg.discriminators else discriminators_artifact(  # from the same policy
+        replace(cfg.disc, world=cfg.world, runs_dir=cfg.runs_dir, policy=cfg.disc.policy or str(policy)))
     return world, policy, discs
 
 

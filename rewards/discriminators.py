@@ -1,7 +1,9 @@
 """APC discriminators: the relevance and NLI sequence classifiers behind the APC score, distilled from the world.
 
-    python -m rewards.train config=apc_discriminators.yaml            # both sets, tiny Llamas, ~1 min on 2 CPU cores
-    python -m rewards.train config=apc_discriminators.yaml model.preset=null model.name_or_path=<hf encoder> lr=5e-5
+    python -m rewards.train config=apc_discriminators.yaml            # both sets, from the world's SFT policy
+    python -m rewards.train config=apc_discriminators.yaml init=model # tiny Llamas from random weights
+    python -m rewards.train config=apc_discriminators.yaml init=model model.preset=null \
+        model.name_or_path=<hf encoder> lr=5e-5                       # a pretrained encoder, e.g. MiniLM
 
 APC (Peng & Shang, NeurIPS 2024, arXiv:2405.07726 §3, App. C-D) scores a response with two small classifiers:
 relevance P_g(s, q) over (statement, query) with labels (no, yes), and NLI over (statement, query, response) with
@@ -10,6 +12,16 @@ DeBERTa students from GPT-4 labels of synthesized queries and responses. Here th
 teacher: `language.relevant` labels relevance (the query asks about the statement's slot), `language.nli_label` of
 the parsed response labels NLI, and responses come from the world's own sampler (`people.sample_content`,
 `people.sample_style`), so the labels are exact and free.
+
+Initialization. The paper fine-tunes pretrained DeBERTa; relevance and NLI need a model that already reads the
+language and can match a value in the response against the one in the statement. The persona world's pretrained
+language model is its SFT policy (`alignment/sft.py`, trained from scratch on world dialogues with the world
+tokenizer): it has learned to copy a statement's value into its answer, which is exactly the comparison NLI needs.
+By default (`init=policy`) both classifiers start from it with a new classification head. Measured on holdout
+characters (same data, steps and batch): from the policy, relevance recall no/yes 0.97/0.997 after 300 steps and
+NLI contradicted/neutral/entailed 0.83/0.78/0.73 after 600; from random weights (`init=model`, 128-wide, 2 layers)
+relevance 0.78/0.94 after 900 steps and NLI 0.04/0.59/0.89 after 500 (it never tells a contradiction from an
+entailment).
 
 Differences from the paper:
   - two sets on disjoint characters: `reward/` is trained on the characters with split == "reward" and is what
@@ -39,6 +51,7 @@ from typing import Literal
 
 from alignment.config import ModelConfig
 from alignment.language import NLI_LABELS, RELEVANCE_LABELS
+from alignment.sft import SFTConfig
 from alignment.world import WorldSpec
 
 log = logging.getLogger(__name__)
@@ -63,7 +76,10 @@ class DiscriminatorConfig:
     runs_dir: str = "runs"
     world: WorldSpec = field(default_factory=WorldSpec)  # built and cached under runs/cache/ if missing
     data: str | None = None  # an existing world directory to train on instead of `world`
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+    init: Literal["policy", "model"] = "policy"  # policy: start from the world's SFT policy; model: from `model`
+    policy: str | None = None  # init=policy: HF directory of the LM to start from; default the cached SFT policy
+    sft: SFTConfig = field(default_factory=SFTConfig)  # init=policy: how that policy is trained when `policy` is unset
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(  # init=model: preset or pretrained encoder
         preset="llama", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_positions=128))
     relevance_steps: int = 300
     nli_steps: int = 600
@@ -218,15 +234,26 @@ def evaluate_classifier(model, tokenizer, texts: list, labels: list[int], names:
     return recall_metrics(probs.argmax(-1).tolist(), labels, names)
 
 
-def load_or_build(cfg: DiscriminatorConfig, tokenizer, names: tuple[str, ...], saved: Path):
-    """The classifier saved at `saved` (a resumed run), else a fresh one: preset weights or a pretrained encoder
-    with a new head for `names`."""
+def start_model(cfg: DiscriminatorConfig) -> ModelConfig:
+    """The model every classifier starts from: the SFT policy (init=policy; trained on the same world and cached,
+    as `alignment.dpo` does, if `policy` is unset) or `cfg.model`."""
+    if cfg.init == "model":
+        return cfg.model
+    from alignment.sft import policy_artifact
+
+    sft = replace(cfg.sft, world=cfg.world, data=cfg.data, runs_dir=cfg.runs_dir)
+    return replace(cfg.model, name_or_path=cfg.policy or str(policy_artifact(sft)), preset=None)
+
+
+def load_or_build(model: ModelConfig, tokenizer, names: tuple[str, ...], saved: Path):
+    """The classifier saved at `saved` (a resumed run), else a fresh one from `model` (preset weights, the policy
+    or a pretrained encoder) with a new head for `names`."""
     from alignment.models import load_sequence_classifier
 
     if (saved / "config.json").is_file():
-        return load_sequence_classifier(replace(cfg.model, name_or_path=str(saved), preset=None, lora=None),
+        return load_sequence_classifier(replace(model, name_or_path=str(saved), preset=None, lora=None),
                                         tokenizer, list(names)), True
-    return load_sequence_classifier(cfg.model, tokenizer, list(names)), False
+    return load_sequence_classifier(model, tokenizer, list(names)), False
 
 
 def main(cfg: DiscriminatorConfig) -> Path:
@@ -240,8 +267,9 @@ def main(cfg: DiscriminatorConfig) -> Path:
     run = Run.start(cfg, "discriminators", runs_dir=cfg.runs_dir, name=cfg.name, resume=cfg.resume)
     world_path = Path(cfg.data) if cfg.data else world_artifact(cfg.world, cfg.runs_dir)
     world = load_world(world_path)
-    run.add_meta("data", {"world": str(world_path)})
-    tokenizer = load_tokenizer(cfg.model.name_or_path or world_path / "tokenizer")
+    start = start_model(cfg)
+    run.add_meta("data", {"world": str(world_path), "init": start.name_or_path or f"preset {start.preset}"})
+    tokenizer = load_tokenizer(start.name_or_path or world_path / "tokenizer")
     # Batches of 64 short sequences: more threads than cores only add contention (2 cores here).
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     load_before = os.getloadavg()[0]
@@ -259,7 +287,7 @@ def main(cfg: DiscriminatorConfig) -> Path:
         for what, names in CLASSIFIERS.items():
             seed_everything(cfg.seed)  # same initial weights for both sets: they differ only by their characters
             out = run.path(f"{split}/{what}")
-            model, reused = load_or_build(cfg, tokenizer, names, out)
+            model, reused = load_or_build(start, tokenizer, names, out)
             fmt, train, test = FORMATS[what], data[(split, what)], holdout[what]
             texts = [fmt(*args) for args, _ in train]
             timing = {} if reused else train_classifier(
@@ -282,7 +310,7 @@ def main(cfg: DiscriminatorConfig) -> Path:
     results.update({"target_recall": TARGET_RECALL, "min_recall": min_recall, "meets_target": min_recall >= TARGET_RECALL,
                     "train_seconds": sum(r.get("train_seconds", 0.0) for s in SETS for r in results[s].values()),
                     "load_average": [load_before, load_after], "threads": torch.get_num_threads(),
-                    "world": str(world_path)})
+                    "world": str(world_path), "init": start.name_or_path or f"preset {start.preset}"})
     print(f"discriminators: {results['train_seconds']:.0f}s training, min recall {min_recall:.3f} "
           f"(target {TARGET_RECALL}), load average {load_before:.1f} -> {load_after:.1f}; {run.dir}")
     run.finish(results)
@@ -304,9 +332,11 @@ def discriminators_artifact(cfg: DiscriminatorConfig) -> Path:
     from alignment.cache import cached_artifact
     from alignment.world import world_artifact
 
-    world = cfg.data or str(world_artifact(cfg.world, cfg.runs_dir))
+    if cfg.init == "policy" and cfg.policy is None:  # the policy lives in runs_dir's cache, not in the artifact
+        cfg = replace(cfg, policy=start_model(cfg).name_or_path)
+    cfg = replace(cfg, data=cfg.data or str(world_artifact(cfg.world, cfg.runs_dir)))
     key = replace(cfg, name=None, resume=False, runs_dir="")
-    build = lambda out: main(replace(cfg, data=world, runs_dir=str(out), name="run", resume=False))
+    build = lambda out: main(replace(cfg, runs_dir=str(out), name="run", resume=False))
     return cached_artifact("apc-discriminators", key, build, runs_dir=cfg.runs_dir) / "run"
 
 
