@@ -28,7 +28,7 @@ true weights at `drift.pair_counts` pairs (decoding/drift.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -47,12 +47,36 @@ def row_generators(seeds: list[int], device: torch.device | str = "cpu") -> list
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
-def pick_tokens(scores: torch.Tensor, temperature: float, generators: list[torch.Generator] | None) -> torch.Tensor:
+def nucleus(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-p (nucleus) support of (B, V) scores: -inf outside each row's smallest set of highest-probability tokens
+    whose softmax mass reaches top_p (B,) in (0, 1]; the most likely token always stays. p = 1 keeps every token.
+
+    A token is kept when the mass strictly above it is below p: sorted descending, cumsum(probs) - prob < p.
+    """
+    ordered, order = scores.sort(-1, descending=True)
+    probs = ordered.softmax(-1)
+    drop = (probs.cumsum(-1) - probs) >= top_p.to(scores.device, torch.float32).view(-1, 1)
+    drop[:, 0] = False
+    return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def pick_tokens(scores: torch.Tensor, temperature: float | torch.Tensor, generators: list[torch.Generator] | None,
+                top_p: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) fp32 scores -> (B,) tokens: argmax at temperature 0, else a sample of softmax(scores / T).
 
     With per-row generators the sample is Gumbel-max, argmax(scores / T + G) with G ~ Gumbel(0, 1) drawn from the
     row's own generator: distributed exactly as softmax(scores / T), and independent of the other rows.
+    `temperature` may be a (B,) tensor (one request per row: rows with T = 0 take the argmax); `top_p` (B,) first
+    restricts each sampled row to its nucleus of softmax(scores / T) (`nucleus`).
     """
+    if isinstance(temperature, torch.Tensor) or top_p is not None:
+        t = torch.as_tensor(temperature, dtype=torch.float32, device=scores.device).expand(len(scores))
+        greedy = scores.argmax(-1)
+        if not bool((t > 0).any()):
+            return greedy
+        z = scores / t.clamp(min=1e-6).view(-1, 1)
+        sampled = pick_tokens(nucleus(z, top_p) if top_p is not None else z, 1.0, generators)
+        return torch.where(t > 0, sampled, greedy)
     if temperature <= 0:
         return scores.argmax(-1)
     if generators is None:
@@ -64,8 +88,9 @@ def pick_tokens(scores: torch.Tensor, temperature: float, generators: list[torch
 
 @torch.inference_mode()
 def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rule=None, *, max_new_tokens: int,
-                 eos_token_id: int | list[int], pad_token_id: int, temperature: float = 0.0, min_new_tokens: int = 0,
-                 seeds: list[int] | None = None) -> Iterator[torch.Tensor]:
+                 eos_token_id: int | list[int], pad_token_id: int, temperature: float | torch.Tensor = 0.0,
+                 min_new_tokens: int = 0, seeds: list[int] | None = None,
+                 top_p: torch.Tensor | None = None) -> Generator[torch.Tensor, torch.Tensor | None, None]:
     """Decode a left-padded batch with one cached base forward per step and an optional guidance rule, yielding
     the (B,) tokens of every step as soon as they are chosen (for streaming, and for benchmarks that interleave
     two decodings step by step).
@@ -73,8 +98,13 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, r
     Args: input_ids, attention_mask (B, L) left-padded prompts; rule: a decoding.processors rule built for these
     B rows (None: plain decoding); eos_token_id one id or several; temperature 0 = greedy; min_new_tokens bans EOS
     before that many tokens (set it to max_new_tokens for fixed-length benchmarks); seeds: one per row for
-    batch-independent sampling. Stops after max_new_tokens or when every row has emitted EOS; a finished row
-    gets pad_token_id (and its guides keep advancing on it, so no cache ever leaves lockstep).
+    batch-independent sampling; temperature and top_p may be (B,) tensors, one value per row (`pick_tokens`).
+    Stops after max_new_tokens or when every row has finished; a finished row gets pad_token_id (and its guides
+    keep advancing on it, so no cache ever leaves lockstep).
+
+    A row finishes at its EOS, or when the caller says so: `steps.send(rows)` with a (B,) bool tensor instead of
+    `next(steps)` finishes those rows after the step just yielded (a stop string, a row's own token limit, a
+    client gone) and returns the next step's tokens. A plain `for` loop sends nothing and changes nothing.
     """
     from transformers import DynamicCache
 
@@ -85,7 +115,8 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, r
     mask, cache = attention_mask.to(device), DynamicCache(config=model.config)
     logits = model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions(mask),
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    generators = row_generators(seeds) if seeds is not None and temperature > 0 else None
+    sampling = bool((torch.as_tensor(temperature) > 0).any())  # per-row temperatures: any row that samples
+    generators = row_generators(seeds) if seeds is not None and sampling else None
     finished = torch.zeros(len(mask), dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         scores = logits.float()
@@ -93,9 +124,11 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, r
             scores[:, eos] = float("-inf")
         if rule is not None:
             scores = rule(scores)
-        token = pick_tokens(scores, temperature, generators).masked_fill(finished, pad_token_id)
+        token = pick_tokens(scores, temperature, generators, top_p).masked_fill(finished, pad_token_id)
         finished |= torch.isin(token, eos)
-        yield token
+        stop = yield token
+        if stop is not None:
+            finished |= stop.to(device)
         if t + 1 == max_new_tokens or bool(finished.all()):  # one host sync per step; noise next to a forward
             return
         if rule is not None:

@@ -1,0 +1,285 @@
+"""Per-request personalization for the decode API: what a request asks for, resolved against the user's stored
+profile, turned into token rows, and, for a batch of requests, into ONE rule over all of its rows.
+
+A request's `personalization` object (all fields optional):
+
+    method             none | prompt | pad | drift | genarm | args                      (default: none)
+    user_id            a stored profile (decoding/profiles.py) supplying persona and/or attribute weights
+    persona            preference text, used instead of the profile's
+    attribute_weights  {attribute: weight} over the Drift attribute prompts, used instead of the profile's
+    strength           the method's weight (default per method in the server config):
+                           pad: w (0 = base, 1 = guide argmax in the base top-k)     PAD, arXiv:2410.04070
+                           drift: 1 / beta                                           Drift, arXiv:2502.14289
+                           genarm: alpha                                             GenARM, arXiv:2410.08193
+                           args: w                                                   ARGS, arXiv:2402.01694
+                           prompt, none: unused
+
+What each method reads (the same prompts as `decoding.generate`'s arms):
+
+    method   base model reads          guide rows read                              needs
+    none     the prompt                -                                            -
+    prompt   prompt + persona          -                                            persona
+    pad      prompt + persona          pad guide: prompt + persona                  persona, guides_dir/pad
+    genarm   prompt + persona          arm guide: prompt + persona                  persona, guides_dir/arm
+    args     prompt + persona          rm: prompt + persona                         persona, guides_dir/rm
+    drift    the prompt                drift guide: prompt + s_0, prompt + s_i      weights, drift.json + its guide
+
+"prompt + persona" is the persona appended to the system turn of a chat (how the world's data state
+preferences), or written on a line before a plain completion prompt.
+
+Batching: `build_rule(guidance, rows)` groups a batch's rows by method and builds one rule per method present
+(decoding/processors.py: one guide forward per model per step for all its rows, per-row strengths and weights),
+composed by `RowGroupsRule`; rows of none/prompt keep the base scores bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+METHODS = ("none", "prompt", "pad", "drift", "genarm", "args")
+PREFERENCE_BASE = {"prompt", "pad", "genarm", "args"}  # the base model reads the persona
+GUIDE_OF = {"pad": "pad", "genarm": "arm", "args": "rm"}  # method -> guide directory under guides_dir
+
+
+class PersonalizationError(ValueError):
+    """A request that cannot be served as asked: HTTP `status`, the request field `param`, one-line message."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+
+@dataclass
+class Guidance:
+    """Everything rules are built from: tokenizer, base model, loaded guides, Drift prompts, settings."""
+
+    tokenizer: Any
+    base: Any
+    guides: dict[str, Any] = field(default_factory=dict)  # pad / arm / rm models that guides_dir provides
+    drift_prompts: dict | None = None  # {"neutral": str, "attributes": {name: str}} from guides_dir/drift.json
+    drift_guide: str = "pad"  # the small LM under the Drift prompts: a guide name or "base"
+    strengths: dict[str, float] = field(default_factory=dict)  # default strength per method
+    pad_top_k: int = 10
+    args_top_k: int = 10
+    guides_dir: str | None = None
+
+    @property
+    def attributes(self) -> list[str]:
+        return list(self.drift_prompts["attributes"]) if self.drift_prompts else []
+
+    def drift_model(self):
+        return self.base if self.drift_guide == "base" else self.guides.get(self.drift_guide)
+
+    def missing(self, method: str) -> str | None:
+        """Why `method` cannot run on this server (one line naming what is missing), or None."""
+        where = f"guides_dir {self.guides_dir}" if self.guides_dir else "no guides_dir configured"
+        if method in GUIDE_OF and GUIDE_OF[method] not in self.guides:
+            return f"method {method!r} needs the {GUIDE_OF[method]!r} guide, which this server has not loaded ({where})"
+        if method == "drift" and (self.drift_prompts is None or self.drift_model() is None):
+            return (f"method 'drift' needs drift.json and the {self.drift_guide!r} guide, which this server has not "
+                    f"loaded ({where})")
+        return None
+
+
+@dataclass
+class Resolved:
+    """A request's personalization after the profile lookup: what `encode_rows` and `build_rule` read."""
+
+    method: str = "none"
+    strength: float = 0.0
+    persona: str = ""
+    weights: list[float] | None = None  # (m,) in Guidance.attributes order, drift only
+    user_id: str | None = None
+
+    def echo(self, attributes: list[str]) -> dict:
+        out = {"method": self.method, "strength": self.strength, "user_id": self.user_id,
+               "persona": self.persona or None}
+        out["attribute_weights"] = dict(zip(attributes, self.weights, strict=True)) if self.weights else None
+        return out
+
+
+def weight_vector(weights: dict[str, float], attributes: list[str], param: str) -> list[float]:
+    """{attribute: weight} -> (m,) list in `attributes` order (absent = 0); unknown names are a 400."""
+    unknown = sorted(set(weights) - set(attributes))
+    if unknown:
+        raise PersonalizationError(f"unknown attributes {unknown}; known: {', '.join(attributes)}", param)
+    if not all(math.isfinite(v) for v in weights.values()):
+        raise PersonalizationError("attribute weights must be finite numbers", param)
+    return [float(weights.get(a, 0.0)) for a in attributes]
+
+
+def resolve(request: dict | None, profile: dict | None, guidance: Guidance) -> Resolved:
+    """The personalization of one request: inline fields override the profile's; checks what the method needs."""
+    request = request or {}
+    method = request.get("method") or "none"
+    if method not in METHODS:
+        raise PersonalizationError(f"unknown method {method!r}; known: {', '.join(METHODS)}", "personalization.method")
+    profile = profile or {}
+    out = Resolved(method=method, user_id=request.get("user_id"))
+    out.persona = request.get("persona") if request.get("persona") is not None else profile.get("persona") or ""
+    strength = request.get("strength")
+    out.strength = float(guidance.strengths.get(method, 0.0) if strength is None else strength)
+    if method == "none":
+        return out
+    if method in PREFERENCE_BASE and not out.persona.strip():
+        raise PersonalizationError(f"method {method!r} needs preference text: personalization.persona, or a user_id "
+                                   "whose profile has a persona", "personalization.persona")
+    why = guidance.missing(method)
+    if why:
+        raise PersonalizationError(why, "personalization.method", code="guide_not_configured")
+    if method == "drift":
+        weights = request.get("attribute_weights")
+        if weights is None:
+            weights = profile.get("attribute_weights")
+        if weights is None:
+            raise PersonalizationError("method 'drift' needs attribute weights: personalization.attribute_weights, "
+                                       "or a user_id whose profile has weights or labelled pairs",
+                                       "personalization.attribute_weights")
+        out.weights = weight_vector(weights, guidance.attributes, "personalization.attribute_weights")
+    return out
+
+
+# --- token rows -----------------------------------------------------------------------------------------------------
+def context_text(tokenizer, prompt: str | list[dict], suffix: str) -> str:
+    """The text a model reads: a chat (messages) with `suffix` appended to the system turn, rendered with the
+    assistant header; or a plain completion prompt with `suffix` on a line before it."""
+    from alignment.sampling import render_prompt
+    from decoding.drift import with_system_suffix
+
+    if isinstance(prompt, str):
+        return f"{suffix}\n{prompt}" if suffix else prompt
+    return render_prompt(tokenizer, with_system_suffix(prompt, suffix))
+
+
+def encode_context(tokenizer, prompt: str | list[dict], suffix: str) -> list[int]:
+    """Token ids of `context_text`; special tokens are added for plain prompts only (a chat template writes its
+    own), and an empty plain prompt becomes [BOS]."""
+    ids = tokenizer(context_text(tokenizer, prompt, suffix), add_special_tokens=isinstance(prompt, str))["input_ids"]
+    if not ids and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id]
+    return ids
+
+
+@dataclass
+class RowTokens:
+    """One row's token ids: the base prompt and, per guide context, the guide's prompt."""
+
+    base: list[int]
+    contexts: list[list[int]]  # pad/genarm/args: [persona context]; drift: [s_0, s_1..s_m contexts]; else []
+
+
+def encode_rows(guidance: Guidance, prompt: str | list[dict], p: Resolved) -> RowTokens:
+    """The base and guide prompts of one request prompt under its resolved personalization."""
+    tok = guidance.tokenizer
+    base = encode_context(tok, prompt, p.persona if p.method in PREFERENCE_BASE else "")
+    if p.method in GUIDE_OF:
+        return RowTokens(base, [encode_context(tok, prompt, p.persona)])
+    if p.method == "drift":
+        texts = [guidance.drift_prompts["neutral"], *guidance.drift_prompts["attributes"].values()]
+        return RowTokens(base, [encode_context(tok, prompt, t) for t in texts])
+    return RowTokens(base, [])
+
+
+# --- rules for a batch ----------------------------------------------------------------------------------------------
+class RowGroupsRule:
+    """Rules over disjoint row groups of one batch, `groups` = [(rows (n,) long, rule built for those n rows)]:
+    scores[rows] = rule(scores[rows]); rows in no group keep their scores unchanged. (B, V) in and out."""
+
+    def __init__(self, groups: list[tuple[torch.Tensor, Any]]):
+        self.groups = groups
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        out = scores.clone()
+        for rows, rule in self.groups:
+            idx = rows.to(scores.device)
+            out[idx] = rule(scores[idx])
+        return out
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        for rows, rule in self.groups:
+            rule.advance(tokens[rows.to(tokens.device)])
+
+
+def _padded(guidance: Guidance, rows: list[list[int]], model):
+    from decoding.guides import left_pad
+
+    return left_pad(rows, guidance.tokenizer.pad_token_id, model.device)
+
+
+def pad_group(g: Guidance, rows: list[tuple[Resolved, RowTokens]]):
+    from decoding.guides import Guide
+    from decoding.processors import pad_rule
+
+    model = g.guides["pad"]
+    guide = Guide(model, *_padded(g, [t.contexts[0] for _, t in rows], model))
+    return pad_rule(guide, torch.tensor([p.strength for p, _ in rows]), g.pad_top_k)
+
+
+def genarm_group(g: Guidance, rows: list[tuple[Resolved, RowTokens]]):
+    from decoding.guides import Guide
+    from decoding.processors import genarm_rule
+
+    model = g.guides["arm"]
+    return genarm_rule(Guide(model, *_padded(g, [t.contexts[0] for _, t in rows], model)),
+                       torch.tensor([p.strength for p, _ in rows]))
+
+
+def args_group(g: Guidance, rows: list[tuple[Resolved, RowTokens]]):
+    from decoding.guides import CachedSequenceReward
+    from decoding.processors import args_rule
+
+    model = g.guides["rm"]
+    reward = CachedSequenceReward(model, *_padded(g, [t.contexts[0] for _, t in rows], model))
+    return args_rule(reward, torch.tensor([p.strength for p, _ in rows]), g.args_top_k)
+
+
+def drift_group(g: Guidance, rows: list[tuple[Resolved, RowTokens]]):
+    """Drift over B + nnz(weights) guide rows (only the attributes a user weighs get a row)."""
+    from decoding.guides import Guide
+    from decoding.processors import drift_rows, drift_rule
+
+    weights = torch.tensor([p.weights for p, _ in rows], dtype=torch.float32)
+    active = weights != 0
+    model = g.drift_model()
+    contexts = [rows[b][1].contexts[i] for b, i in drift_rows(active)]
+    beta = 1.0 / torch.tensor([p.strength for p, _ in rows], dtype=torch.float32)  # strength 0: beta inf, no drift
+    return drift_rule(Guide(model, *_padded(g, contexts, model)), weights, beta, active)
+
+
+GROUP_BUILDERS = {"pad": pad_group, "genarm": genarm_group, "args": args_group, "drift": drift_group}
+
+
+def build_rule(guidance: Guidance, rows: list[tuple[Resolved, RowTokens]]) -> RowGroupsRule | None:
+    """One rule for a batch of rows (None when no row is guided): one group, one guide forward per method."""
+    groups = []
+    for method, builder in GROUP_BUILDERS.items():
+        idx = [b for b, (p, _) in enumerate(rows) if p.method == method]
+        if idx:
+            groups.append((torch.tensor(idx), builder(guidance, [rows[b] for b in idx])))
+    return RowGroupsRule(groups) if groups else None
+
+
+# --- Drift weights from a user's labelled pairs ---------------------------------------------------------------------
+def fit_profile_weights(guidance: Guidance, pairs: list[dict], method: str = "closed_form",
+                        sparsity: float = 0.25) -> dict[str, float]:
+    """Drift weights {attribute: p_i} from labelled pairs [{prompt: str | messages, chosen, rejected}]:
+    Delta_j = r(x_j, chosen_j) - r(x_j, rejected_j) over the attribute prompts (decoding/drift.py
+    `attribute_rewards`, on the Drift guide), then `fit_weights` (closed form: p = mean Delta / ||mean Delta||)."""
+    from decoding.drift import attribute_rewards, fit_weights
+
+    why = guidance.missing("drift")
+    if why:
+        raise PersonalizationError(f"cannot fit weights from pairs: {why}", "pairs", code="guide_not_configured")
+    if guidance.tokenizer.chat_template is None:
+        raise PersonalizationError("cannot fit weights from pairs: the tokenizer has no chat template", "pairs")
+    rows = [{"prompt": [{"role": "user", "content": p["prompt"]}] if isinstance(p["prompt"], str) else p["prompt"],
+             "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+    texts = [guidance.drift_prompts["neutral"], *guidance.drift_prompts["attributes"].values()]
+    first, second = attribute_rewards(guidance.drift_model(), guidance.tokenizer, rows, texts)
+    p = fit_weights(np.asarray(first - second), method, sparsity)
+    return dict(zip(guidance.attributes, (float(x) for x in p), strict=True))

@@ -1,0 +1,664 @@
+"""The decode API: personalized generation over HTTP, OpenAI-compatible, many users batched together.
+
+    python -m decoding.serve config=serve.yaml                           # the cached world SFT policy, 127.0.0.1:8000
+    python -m decoding.serve config=serve.yaml guides_dir=runs/cache/guides-<hash>/run api_key=secret
+    python -m decoding.serve policy=<hf model or dir> port=8080
+
+Routes (research/ecosystem.md §8.2):
+
+    POST /v1/completions, /v1/chat/completions   OpenAI request and response shapes: model, prompt | messages,
+                                                max_tokens, temperature, top_p, n, stop, seed, stream (server-sent
+                                                events ending in `data: [DONE]`), stream_options, usage
+    GET  /v1/models, /v1/models/{id}, /health
+    PUT | PATCH | GET | DELETE /v1/users/{id}   user profiles: persona text, attribute weights, or labelled pairs
+                                                from which Drift weights are fitted (decoding/profiles.py, SQLite)
+
+Personalization rides in an extension object, which the `openai` client sends through `extra_body`:
+
+    client.chat.completions.create(model=..., messages=[...], extra_body={"personalization":
+        {"method": "pad", "user_id": "u1", "strength": 1.0}})
+
+(method none | prompt | pad | drift | genarm | args; decoding/personalization.py says what each reads). Responses
+echo the resolved personalization beside `usage`.
+
+This module has no generation logic: requests become rows of `decoding/scheduler.py`'s batches, which run
+`decoding.generate.decode_steps` with the rules of decoding/processors.py. Here: request validation, limits,
+profiles, errors and the wire format. Every bad request is a 4xx with an OpenAI error object
+{"error": {"message", "type", "param", "code"}}: 400 invalid fields or limits, 401 a missing or wrong API key,
+404 an unknown model, user or route, 408 a request past `request_timeout_s`, 413 a body over `max_body_bytes`,
+429 a full queue. Binds 127.0.0.1 unless `host` says otherwise.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures (local names) at definition time.
+import asyncio
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from alignment.sft import SFTConfig
+
+log = logging.getLogger(__name__)
+
+INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
+USER_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
+
+
+@dataclass
+class Strengths:
+    pad: float = 1.0  # PAD's w when a request sets no strength
+    drift: float = 1.0  # Drift's 1 / beta
+    genarm: float = 1.0  # GenARM's alpha
+    args: float = 1.0  # ARGS's w
+
+
+@dataclass
+class ServeConfig:
+    name: str | None = None  # run name (config and meta under runs_dir); default serve-<timestamp>
+    runs_dir: str = "runs"
+    host: str = "127.0.0.1"  # bind address; 0.0.0.0 exposes the server to the network: set api_key then
+    port: int = 8000
+    api_key: str | None = None  # when set, every route needs `Authorization: Bearer <api_key>`
+    policy: str | None = None  # HF directory or hub id of the served model; default: the cached world SFT policy
+    sft: SFTConfig = field(default_factory=SFTConfig)  # the default policy, built once and cached when missing
+    model_name: str | None = None  # the id clients send as `model`; default: persona-world-sft or policy's name
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # auto: cuda if available, else cpu
+    threads: int = 0  # torch intra-op threads (0: torch's default)
+    guides_dir: str | None = None  # a `rewards.train kind=guides` run (pad/ arm/ rm/ drift.json); unset: none/prompt
+    drift_guide: Literal["pad", "base"] = "pad"  # the small LM under Drift's attribute prompts
+    drift_fit: Literal["closed_form", "sparse"] = "closed_form"  # how profile pairs become Drift weights
+    drift_sparsity: float = 0.25  # sparse fit: soft threshold as a share of the largest |mean Delta|
+    strength: Strengths = field(default_factory=Strengths)
+    pad_top_k: int = 10  # PAD's support: the base's top-k tokens
+    args_top_k: int = 10  # ARGS's candidates: the base's top-k tokens
+    db: str = "runs/serve/users.sqlite"  # user profiles (SQLite, WAL); kept across restarts
+    max_batch_size: int = 32  # rows (choices) decoded together; a request's prompts x n must fit
+    max_queue: int = 256  # requests waiting for a batch; one more gets 429
+    batch_wait_ms: float = 5.0  # how long the first waiting request waits for others to join its batch
+    request_timeout_s: float = 120.0  # from arrival to last token; past it: 408 (a stream ends with an error event)
+    max_prompt_tokens: int = 1024  # per prompt, as the base or a guide reads it
+    max_tokens: int = 512  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 64  # when a request gives none
+    max_pairs: int = 500  # labelled pairs per profile
+    max_body_bytes: int = 2_000_000
+
+
+# --- request bodies (pydantic; strict: no silent "5" -> 5, true -> 1) ------------------------------------------------
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+UserId = Annotated[str, Field(pattern=USER_ID)]
+Text = Annotated[str, Field(max_length=200_000)]
+
+
+class Personalization(Strict):
+    method: Literal["none", "prompt", "pad", "drift", "genarm", "args"] = "none"
+    user_id: UserId | None = None
+    persona: Text | None = None
+    attribute_weights: Annotated[dict[Annotated[str, Field(max_length=64)], float], Field(max_length=64)] | None = None
+    strength: Annotated[float, Field(ge=0, le=100)] | None = None
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class Sampling(Strict):
+    """Fields shared by completions and chat completions (OpenAI names and ranges)."""
+
+    model: Annotated[str, Field(max_length=256)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=1024)] | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
+    seed: Annotated[int, Field(ge=INT64_MIN, le=UINT64_MAX)] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None  # the end user, as OpenAI clients send it; unused
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    personalization: Personalization | None = None
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float | None) -> float | None:
+        if v:
+            raise ValueError("penalties are not supported; send 0 or leave the field out")
+        return v
+
+
+class CompletionRequest(Sampling):
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1024)]
+    logprobs: Literal[0] | None = None  # logprobs are not returned; 0 / null accepted for compatibility
+    echo: Literal[False] | None = None
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: Text
+
+
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | Annotated[list[TextPart], Field(max_length=256)]
+    name: Annotated[str, Field(max_length=256)] | None = None
+
+
+class ChatRequest(Sampling):
+    messages: Annotated[list[Message], Field(min_length=1, max_length=1024)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: Literal[False] | None = None
+
+
+class Pair(Strict):
+    prompt: Text | Annotated[list[Message], Field(min_length=1, max_length=64)]
+    chosen: Text
+    rejected: Text
+
+
+class ProfileBody(Strict):
+    """PUT replaces the profile with these fields; PATCH changes only the fields given."""
+
+    persona: Text | None = None
+    attribute_weights: Annotated[dict[Annotated[str, Field(max_length=64)], float], Field(max_length=64)] | None = None
+    pairs: Annotated[list[Pair], Field(min_length=1, max_length=100_000)] | None = None
+
+
+# --- errors ---------------------------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An OpenAI-style error response: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = self.TYPES.get(self.status, "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+    def response(self):
+        from fastapi.responses import JSONResponse
+
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def validation_error(exc) -> APIError:
+    """FastAPI's validation errors (a list) as one 400 naming the first bad field, e.g. `messages.0.role`."""
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": "invalid"}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")]
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        message, param = "the body is not valid JSON", None
+    elif first.get("type") == "extra_forbidden":
+        message = f"unknown parameter {param!r}"
+    elif first.get("type") == "missing":
+        message = f"missing required parameter {param!r}"
+    elif param:
+        message = f"{param}: {message}"
+    return APIError(400, message, param, first.get("type"))
+
+
+# --- the server's state -------------------------------------------------------------------------------------------
+@dataclass
+class Server:
+    """What the routes read: the config, models and rules (guidance), the batcher, the profile store."""
+
+    cfg: ServeConfig
+    guidance: Any  # decoding.personalization.Guidance
+    engine: Any  # decoding.scheduler.Engine
+    profiles: Any  # decoding.profiles.Profiles
+    model_name: str
+    context: int | None  # the base model's longest sequence (prompt + max_tokens), when its config says
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def load_server(cfg: ServeConfig) -> Server:
+    """Tokenizer, base model and whichever guides `guides_dir` holds; the batcher; the profile store."""
+    from dataclasses import replace
+
+    import torch
+
+    from alignment.config import ModelConfig
+    from alignment.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+    from alignment.sft import policy_artifact
+    from decoding.personalization import Guidance
+    from decoding.profiles import Profiles
+    from decoding.scheduler import Engine
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    policy = cfg.policy or str(policy_artifact(replace(cfg.sft, runs_dir=cfg.runs_dir)))
+    tokenizer = load_tokenizer(policy)
+    model_cfg = lambda path: ModelConfig(name_or_path=str(path), dtype=cfg.dtype, device=cfg.device)
+    base = load_causal_lm(model_cfg(policy), tokenizer)
+    guides, drift = {}, None
+    if cfg.guides_dir:
+        root = Path(cfg.guides_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"guides_dir: {root} is not a directory")
+        for name in ("pad", "arm"):
+            if (root / name / "config.json").is_file():
+                guides[name] = load_causal_lm(model_cfg(root / name), tokenizer)
+        if (root / "rm" / "config.json").is_file():
+            guides["rm"] = load_sequence_classifier(model_cfg(root / "rm"), tokenizer, ["reward"])
+        if (root / "drift.json").is_file():
+            drift = json.loads((root / "drift.json").read_text())
+        log.info("guides from %s: %s%s", root, ", ".join(guides) or "none", " + drift.json" if drift else "")
+    s = cfg.strength
+    guidance = Guidance(tokenizer, base, guides, drift, cfg.drift_guide,
+                        {"pad": s.pad, "drift": s.drift, "genarm": s.genarm, "args": s.args},
+                        cfg.pad_top_k, cfg.args_top_k, cfg.guides_dir)
+    eos = base.generation_config.eos_token_id if base.generation_config is not None else None
+    engine = Engine(guidance, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
+                    batch_wait_s=cfg.batch_wait_ms / 1000,
+                    eos_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos))
+    name = cfg.model_name or ("persona-world-sft" if cfg.policy is None else Path(policy.rstrip("/")).name)
+    return Server(cfg, guidance, engine, Profiles(cfg.db), name, getattr(base.config, "max_position_embeddings", None))
+
+
+# --- requests -> rows -----------------------------------------------------------------------------------------------
+def check_text(value: Any, param: str) -> None:
+    """Strings that are not encodable (lone surrogates from JSON escapes) are a 400, not a tokenizer crash."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"{param}: not valid Unicode text (lone surrogate)", param) from None
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            check_text(v, f"{param}.{i}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(k, param)
+            check_text(v, f"{param}.{k}")
+
+
+def personalization_of(server: Server, body: Sampling):
+    from decoding.personalization import PersonalizationError, resolve
+
+    p = body.personalization.model_dump() if body.personalization else None
+    profile = None
+    if p and p.get("user_id"):
+        profile = server.profiles.get(p["user_id"])
+        if profile is None:
+            raise APIError(404, f"no user profile {p['user_id']!r}; create it with PUT /v1/users/{p['user_id']}",
+                           "personalization.user_id", "user_not_found")
+    try:
+        return resolve(p, profile, server.guidance)
+    except PersonalizationError as exc:
+        raise APIError(exc.status, exc.message, exc.param, exc.code) from None
+
+
+def make_rows(server: Server, body: Sampling, prompts: list, max_tokens: int) -> list:
+    """One scheduler Row per (prompt, choice), prompt-major like OpenAI's choice indices, with limits checked."""
+    from decoding.personalization import encode_rows
+    from decoding.scheduler import Row
+
+    cfg, n = server.cfg, body.n or 1
+    if len(prompts) * n > cfg.max_batch_size:
+        raise APIError(400, f"{len(prompts)} prompts x n={n} = {len(prompts) * n} choices exceed the server's "
+                       f"max_batch_size {cfg.max_batch_size}", "n")
+    if max_tokens > cfg.max_tokens:
+        raise APIError(400, f"max_tokens {max_tokens} exceeds the server's limit {cfg.max_tokens}", "max_tokens")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if any(not s for s in stop):
+        raise APIError(400, "stop strings must not be empty", "stop")
+    resolved = personalization_of(server, body)
+    seed = body.seed if body.seed is not None else secrets.randbits(63)
+    rows = []
+    for prompt in prompts:
+        tokens = encode_rows(server.guidance, prompt, resolved)
+        longest = max(len(t) for t in [tokens.base, *tokens.contexts])
+        if longest > cfg.max_prompt_tokens:
+            raise APIError(400, f"the prompt is {longest} tokens (with the personalization's context); the limit is "
+                           f"{cfg.max_prompt_tokens}", "messages" if isinstance(prompt, list) else "prompt",
+                           "context_length_exceeded")
+        if server.context is not None and longest + max_tokens > server.context:
+            raise APIError(400, f"{longest} prompt tokens + max_tokens {max_tokens} exceed the model's context of "
+                           f"{server.context} tokens", "max_tokens", "context_length_exceeded")
+        for _ in range(n):
+            rows.append(Row(resolved, tokens, max_tokens, 1.0 if body.temperature is None else body.temperature,
+                            1.0 if body.top_p is None else body.top_p, (seed + len(rows)) % (UINT64_MAX + 1), stop))
+    return rows
+
+
+def chat_prompt(server: Server, body: ChatRequest) -> list[dict]:
+    if server.guidance.tokenizer.chat_template is None:
+        raise APIError(400, f"model {server.model_name!r} has no chat template; use /v1/completions", "messages")
+    out = []
+    for m in body.messages:
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return out
+
+
+# --- responses ------------------------------------------------------------------------------------------------------
+def usage(rows: list, n: int) -> dict:
+    prompt = sum(r.prompt_tokens for r in rows[::n])  # a prompt counts once, whatever n
+    completion = sum(len(r.ids) for r in rows)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def choice(chat: bool, index: int, text: str, finish: str | None, stream: bool = False, first: bool = False) -> dict:
+    if not chat:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    if not stream:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish}
+    delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+class Reply:
+    """The envelope of one response: id, object names, model, created; builds bodies and stream chunks."""
+
+    def __init__(self, server: Server, chat: bool, personalization: dict):
+        self.chat, self.model, self.personalization = chat, server.model_name, personalization
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+
+    def body(self, rows: list, n: int) -> dict:
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model,
+                "choices": [choice(self.chat, i, r.text, r.finish_reason) for i, r in enumerate(rows)],
+                "usage": usage(rows, n), "personalization": self.personalization}
+
+    def chunk(self, choices: list[dict], **extra: Any) -> str:
+        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": choices, **extra}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def wait_disconnect(request) -> None:
+    """Returns when the client has gone (ASGI http.disconnect); the request body has been read already."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(server: Server, job, request) -> None:
+    """Wait for a submitted non-streaming job to end; cancels it when the client leaves or time runs out."""
+    deadline = time.monotonic() + server.cfg.request_timeout_s
+    gone = asyncio.ensure_future(wait_disconnect(request))
+    try:
+        while True:
+            event = asyncio.ensure_future(job.events.get())
+            done, _ = await asyncio.wait({event, gone}, timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if event not in done:
+                event.cancel()
+                job.cancel("disconnected" if gone in done else "timeout")
+                if gone in done:
+                    return
+                raise APIError(408, f"the request took longer than {server.cfg.request_timeout_s} s", None, "timeout")
+            kind, _, detail = event.result()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise APIError(500, f"generation failed: {detail}", None, "generation_failed")
+    finally:
+        gone.cancel()
+
+
+async def stream_events(server: Server, job, reply: Reply, n_rows: int, n: int, include_usage: bool):
+    """Server-sent events: one chunk per text delta and per finished choice, usage when asked, then [DONE]."""
+    deadline, ended = time.monotonic() + server.cfg.request_timeout_s, False
+    try:
+        if reply.chat:
+            yield reply.chunk([choice(True, i, "", None, stream=True, first=True) for i in range(n_rows)])
+        while True:
+            try:
+                kind, index, detail = await asyncio.wait_for(job.events.get(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                job.cancel("timeout")
+                err = APIError(408, f"the request took longer than {server.cfg.request_timeout_s} s", None, "timeout")
+                yield f"data: {json.dumps(err.body())}\n\n"
+                break
+            if kind == "delta":
+                yield reply.chunk([choice(reply.chat, index, detail, None, stream=True)])
+            elif kind == "finish":
+                yield reply.chunk([choice(reply.chat, index, "", detail, stream=True)])
+            elif kind == "error":
+                yield f"data: {json.dumps(APIError(500, f'generation failed: {detail}').body())}\n\n"
+                break
+            else:
+                if include_usage:
+                    yield reply.chunk([], usage=usage(job.rows, n), personalization=reply.personalization)
+                break
+        ended = True
+        yield "data: [DONE]\n\n"
+    finally:
+        if not ended:  # the client went away mid-stream: its rows stop at the next step
+            job.cancel("disconnected")
+
+
+async def generate_response(server: Server, request, body: Sampling, prompts: list, chat: bool):
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    from decoding.scheduler import Job, QueueFull
+
+    if body.model != server.model_name:
+        raise APIError(404, f"the model {body.model!r} does not exist; this server serves {server.model_name!r}",
+                       "model", "model_not_found")
+    check_text(prompts, "messages" if chat else "prompt")
+    check_text(body.stop, "stop")
+    if body.personalization:
+        check_text(body.personalization.model_dump(), "personalization")
+    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or server.cfg.default_max_tokens
+    rows = make_rows(server, body, prompts, max_tokens)
+    reply = Reply(server, chat, rows[0].personalization.echo(server.guidance.attributes))
+    job = Job(rows, stream=bool(body.stream))
+    try:
+        server.engine.submit(job)
+    except QueueFull as exc:
+        raise APIError(429, str(exc), None, "queue_full") from None
+    n = body.n or 1
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(stream_events(server, job, reply, len(rows), n, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    await collect(server, job, request)
+    return JSONResponse(reply.body(rows, n))
+
+
+# --- profiles -------------------------------------------------------------------------------------------------------
+def profile_out(p: dict) -> dict:
+    return {"id": p["user_id"], "object": "user", "persona": p.get("persona"),
+            "attribute_weights": p.get("attribute_weights"), "pairs": len(p.get("pairs") or []),
+            "fit": p.get("fit"), "created": p["created"], "updated": p["updated"]}
+
+
+def profile_doc(server: Server, body: ProfileBody, old: dict | None) -> dict:
+    """The stored document: old fields overridden by the given ones; pairs refit the Drift weights."""
+    from decoding.personalization import PersonalizationError, fit_profile_weights, weight_vector
+
+    given = body.model_dump(exclude_unset=True)
+    check_text(given, "body")
+    if given.get("pairs") is not None and given.get("attribute_weights") is not None:
+        raise APIError(400, "give attribute_weights or pairs (to fit them from), not both", "pairs")
+    doc = {k: v for k, v in (old or {}).items() if k not in ("user_id", "created", "updated")}
+    doc.update(given)
+    attributes = server.guidance.attributes
+    try:
+        if given.get("attribute_weights") is not None:
+            if attributes:
+                weight_vector(given["attribute_weights"], attributes, "attribute_weights")
+            doc["fit"] = None
+        if given.get("pairs") is not None:
+            if len(given["pairs"]) > server.cfg.max_pairs:
+                raise APIError(400, f"{len(given['pairs'])} pairs exceed the limit {server.cfg.max_pairs}", "pairs")
+            with server.engine.model_lock:  # the worker's models; fitting waits for the running batch
+                doc["attribute_weights"] = fit_profile_weights(server.guidance, given["pairs"], server.cfg.drift_fit,
+                                                               server.cfg.drift_sparsity)
+            doc["fit"] = {"method": server.cfg.drift_fit, "pairs": len(given["pairs"]),
+                          "guide": server.cfg.drift_guide}
+    except PersonalizationError as exc:
+        raise APIError(exc.status, exc.message, exc.param, exc.code) from None
+    return doc
+
+
+# --- the app --------------------------------------------------------------------------------------------------------
+class Gate:
+    """ASGI middleware in front of every route: the API key (when configured) and the body size limit."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None:
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                why = "missing API key" if not given else "incorrect API key"
+                resp = APIError(401, f"{why}: send `Authorization: Bearer <key>`", None, "invalid_api_key")
+                return await resp.response()(scope, receive, send)
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_body:
+            resp = APIError(413, f"the body exceeds {self.max_body} bytes" if length.isdigit()
+                            else "bad Content-Length header", None, "body_too_large")
+            return await resp.response()(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:  # chunked bodies without Content-Length
+                raise APIError(413, f"the body exceeds {self.max_body} bytes", None, "body_too_large")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def build_app(server: Server):
+    """The FastAPI app over a loaded `Server`; its lifespan starts and stops the batcher's worker."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi import Path as PathParam
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.engine.start()
+        try:
+            yield
+        finally:
+            server.engine.stop()
+
+    app = FastAPI(title="persona-alignment decode API", lifespan=lifespan)
+    app.add_exception_handler(APIError, lambda request, exc: exc.response())
+    app.add_exception_handler(RequestValidationError, lambda request, exc: validation_error(exc).response())
+    app.add_exception_handler(
+        HTTPException, lambda request, exc: APIError(exc.status_code if exc.status_code < 500 else 500,
+                                                     str(exc.detail), None, None).response())
+
+    def unexpected(request, exc):  # a bug: a logged 500 with an OpenAI body, and the server keeps serving
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return APIError(500, f"internal error: {type(exc).__name__}", None, "internal_error").response()
+
+    app.add_exception_handler(Exception, unexpected)
+    uid = Annotated[str, PathParam(pattern=USER_ID)]
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": server.model_name, "engine": server.engine.health(),
+                "users": server.profiles.count(), "guides": sorted(server.guidance.guides),
+                "drift": server.guidance.drift_prompts is not None}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id}")
+    def model(model_id: Annotated[str, PathParam(max_length=256)]) -> dict:
+        if model_id != server.model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist", "model", "model_not_found")
+        return model_card()
+
+    def model_card() -> dict:
+        return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "persona-alignment",
+                "max_model_len": server.context}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        return await generate_response(server, request, body, prompts, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        return await generate_response(server, request, body, [chat_prompt(server, body)], chat=True)
+
+    @app.get("/v1/users/{user_id}")
+    def get_user(user_id: uid) -> dict:
+        p = server.profiles.get(user_id)
+        if p is None:
+            raise APIError(404, f"no user profile {user_id!r}", "user_id", "user_not_found")
+        return profile_out(p)
+
+    @app.put("/v1/users/{user_id}")
+    def put_user(user_id: uid, body: ProfileBody):
+        from fastapi.responses import JSONResponse
+
+        stored, created = server.profiles.put(user_id, profile_doc(server, body, None))
+        return JSONResponse(profile_out(stored), status_code=201 if created else 200)
+
+    @app.patch("/v1/users/{user_id}")
+    def patch_user(user_id: uid, body: ProfileBody) -> dict:
+        old = server.profiles.get(user_id)
+        if old is None:
+            raise APIError(404, f"no user profile {user_id!r}; create it with PUT", "user_id", "user_not_found")
+        return profile_out(server.profiles.put(user_id, profile_doc(server, body, old))[0])
+
+    @app.delete("/v1/users/{user_id}")
+    def delete_user(user_id: uid) -> dict:
+        if not server.profiles.delete(user_id):
+            raise APIError(404, f"no user profile {user_id!r}", "user_id", "user_not_found")
+        return {"id": user_id, "object": "user", "deleted": True}
+
+    return Gate(app, server.cfg.api_key, server.cfg.max_body_bytes)
+
+
+# --- main -----------------------------------------------------------------------------------------------------------
+def main(cfg: ServeConfig) -> Path:
+    import uvicorn
+
+    from alignment.runs import Run
+
+    if not math.isfinite(cfg.request_timeout_s) or cfg.request_timeout_s <= 0:
+        raise ValueError(f"request_timeout_s: expected a positive number, got {cfg.request_timeout_s}")
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
+        log.warning("host=%s exposes the server beyond this machine without an api_key", cfg.host)
+    run = Run.start(cfg, "serve", runs_dir=cfg.runs_dir, name=cfg.name)
+    server = load_server(cfg)
+    run.add_meta("inputs", {"model": server.model_name, "guides": cfg.guides_dir, "db": str(Path(cfg.db).absolute()),
+                            "pid": os.getpid()})
+    log.info("serving %r on http://%s:%d (guides: %s)", server.model_name, cfg.host, cfg.port,
+             ", ".join(server.guidance.guides) or "none")
+    uvicorn.run(build_app(server), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
+    run.finish({"engine": server.engine.health()})
+    server.profiles.close()
+    return run.dir
+
+
+if __name__ == "__main__":
+    from alignment.config import run_cli
+
+    run_cli(ServeConfig, main)
