@@ -79,7 +79,8 @@ class Guidance:
         """Why `method` cannot run on this server (one line naming what is missing), or None."""
         where = f"guides_dir {self.guides_dir}" if self.guides_dir else "no guides_dir configured"
         if method in GUIDE_OF and GUIDE_OF[method] not in self.guides:
-            return f"method {method!r} needs the {GUIDE_OF[method]!r} guide, which this server has not loaded ({where})"
+            return (f"method {method!r} needs the {GUIDE_OF[method]!r} guide, which this server has not loaded "
+                    f"({where})")
         if method == "drift" and (self.drift_prompts is None or self.drift_model() is None):
             return (f"method 'drift' needs drift.json and the {self.drift_guide!r} guide, which this server has not "
                     f"loaded ({where})")

@@ -92,7 +92,8 @@ class Engine:
 
     def __init__(self, guidance: Guidance, *, max_batch_size: int = 32, max_queue: int = 256,
                  batch_wait_s: float = 0.005, eos_ids: list[int] | None = None):
-        self.g, self.max_batch_size, self.max_queue, self.batch_wait_s = guidance, max_batch_size, max_queue, batch_wait_s
+        self.g, self.max_batch_size, self.max_queue = guidance, max_batch_size, max_queue
+        self.batch_wait_s = batch_wait_s
         tok = guidance.tokenizer
         self.eos = sorted(set(eos_ids or []) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
         self.pending: collections.deque[Job] = collections.deque()

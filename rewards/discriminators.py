@@ -307,7 +307,8 @@ def main(cfg: DiscriminatorConfig) -> Path:
     # --- summary
     load_after = os.getloadavg()[0]
     min_recall = min(r["min_recall"] for s in SETS for r in results[s].values())
-    results.update({"target_recall": TARGET_RECALL, "min_recall": min_recall, "meets_target": min_recall >= TARGET_RECALL,
+    results.update({"target_recall": TARGET_RECALL, "min_recall": min_recall,
+                    "meets_target": min_recall >= TARGET_RECALL,
                     "train_seconds": sum(r.get("train_seconds", 0.0) for s in SETS for r in results[s].values()),
                     "load_average": [load_before, load_after], "threads": torch.get_num_threads(),
                     "world": str(world_path), "init": start.name_or_path or f"preset {start.preset}"})

@@ -60,7 +60,8 @@ def smoke_run(world_dir, tmp_path_factory):
     """The entry point, through the dispatcher, as on the command line."""
     runs = tmp_path_factory.mktemp("runs")
     argv = ["kind=apc_discriminators", f"data={world_dir}", f"runs_dir={runs}", "name=smoke", "init=model",
-            "relevance_steps=4", "nli_steps=4", "batch_size=8", "train_examples=40", "eval_examples=10", "warmup=1", "log_every=2",
+            "relevance_steps=4", "nli_steps=4", "batch_size=8", "train_examples=40", "eval_examples=10", "warmup=1",
+            "log_every=2",
             *[f"model.{k}={v}" for k, v in vars(TINY).items() if k not in ("name_or_path", "lora")]]
     return train.main(argv)
 
@@ -116,7 +117,8 @@ def test_formats_keep_every_part_in_order():
     assert world_relevance_text("anna", "i live in lyon .", "where do you live ?") == (
         "<|system|> i live in lyon . <|user|> where do you live ? <|end|>")
     text = world_nli_text("anna", "i live in lyon .", "where do you live ?", "hey . i live in rome .")
-    assert text == "<|system|> i live in lyon . <|user|> where do you live ? <|assistant|> hey . i live in rome . <|end|>"
+    assert text == ("<|system|> i live in lyon . <|user|> where do you live ? <|assistant|> hey . i live in rome . "
+                    "<|end|>")
 
 
 # --- the dispatcher ---------------------------------------------------------------------------------------------
