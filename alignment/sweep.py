@@ -25,7 +25,8 @@ rerun would race with. A file lock refuses a second sweep on the same directory.
 Parallelism: at most `threads // threads_per_run` runs at once, each with OMP_NUM_THREADS (torch's intra-op
 threads) = `threads_per_run`, so the sweep stays within its CPU-thread budget; one progress bar counts runs.
 `launcher=submitit` sends the same commands through submitit (Slurm where `sbatch` exists, else local processes;
-`submitit.cluster` forces one), with the same cap on jobs in flight; see the README for why submitit.
+`submitit.cluster` forces one), with the same cap on jobs in flight; see the README for why submitit. Slurm jobs
+outlive a killed sweep: let them end (or scancel them) before running it again.
 
 Entry points cache shared artifacts (world, SFT policy, discriminators, guides) under `<runs_dir>/cache/`. The
 sweep links `runs/<sweep>/cache` to `runs/cache`, so its runs reuse what `python -m alignment.dpo config=apc.yaml`
@@ -205,7 +206,8 @@ def plan_sweep(cfg: SweepConfig) -> Plan:
     if not cfg.seeds or len(set(cfg.seeds)) < len(cfg.seeds):
         raise ConfigError(f"seeds: expected distinct seeds, got {cfg.seeds}")
     if cfg.threads_per_run < 1 or cfg.threads_per_run > thread_budget(cfg):
-        raise ConfigError(f"threads_per_run: {cfg.threads_per_run} does not fit the budget threads={cfg.threads}")
+        raise ConfigError(f"threads_per_run: {cfg.threads_per_run} does not fit the budget of {thread_budget(cfg)} "
+                          "threads (threads=)")
     if cfg.launcher == "submitit" and importlib.util.find_spec("submitit") is None:
         raise ConfigError("launcher: submitit is not installed; pip install -e '.[sweep]'")
     schema = entry_schema(cfg.entry)
@@ -623,7 +625,11 @@ def main(cfg: SweepConfig) -> Path:
         slots = max(1, thread_budget(cfg) // cfg.threads_per_run)
         log.info("%s: %d runs (%d cells x %d seeds), %d at once with %d thread(s) each", cfg.name, len(plan.runs),
                  len(plan.runs) // len(cfg.seeds), len(cfg.seeds), slots, cfg.threads_per_run)
-        failed = execute(plan, start, slots, cfg.threads_per_run, cfg.name)
+        try:
+            failed = execute(plan, start, slots, cfg.threads_per_run, cfg.name)
+        except KeyboardInterrupt:
+            print(f"interrupted; rerun the same command to finish {sweep_dir}", file=sys.stderr)
+            raise SystemExit(130) from None
 
         # --- aggregate whatever has finished
         aggregate(plan, cfg.metrics, f"{cfg.name}: {cfg.entry}" + (f" config={cfg.base}" if cfg.base else ""))
