@@ -137,8 +137,9 @@ class Engine:
             jobs = self._collect()
             if jobs is None:
                 return
-            if jobs:
-                with self.model_lock:
+            with self.model_lock:
+                jobs = [j for j in jobs if not j.cancelled]  # a job may have timed out while the lock was held
+                if jobs:
                     self._decode(jobs)
 
     def _collect(self) -> list[Job] | None:

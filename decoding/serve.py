@@ -199,7 +199,9 @@ class APIError(Exception):
 def validation_error(exc) -> APIError:
     """FastAPI's validation errors (a list) as one 400 naming the first bad field, e.g. `messages.0.role`."""
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": "invalid"}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")]
+    # loc: ("body", "stop", "list[constrained-str]", 0); union-member tags (with "[" or "-") are not fields
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")
+           and (isinstance(p, int) or not set("[-") & set(str(p)))]
     param = ".".join(loc) or None
     message = first.get("msg", "invalid request")
     if first.get("type") == "json_invalid":
