@@ -1,19 +1,18 @@
 """The decode API's batcher: requests from many users wait in one bounded queue, and a single worker thread decodes
 them in batches through `decoding.generate.decode_steps`, one batched forward per model per step.
 
-    engine = Engine(guidance, max_batch_size=32, max_queue=256, batch_wait_s=0.005)
+    engine = Engine(guidance, max_batch_size=32, max_queue=256, batch_wait_s=0.02)
     engine.start()
     engine.submit(job)            # QueueFull when max_queue jobs are already waiting (the server answers 429)
-    async for event in job:       # ("delta", row, text) while streaming, then ("finish", row, reason), ("end", ..)
-        ...
+    await job.events.get()        # ("delta", row, text) while streaming, ("finish", row, reason), ("end", ..)
     job.cancel("disconnected")    # its rows stop at the next step
 
 Batching (micro-batches, research/ecosystem.md §8.2): the worker takes the oldest waiting job, waits up to
-`batch_wait_s` for more, and decodes every job that fits in `max_batch_size` rows together, whatever each row's
-personalization (decoding/personalization.py builds one rule per method present, per-row strengths, weights,
-temperatures, top-p and seeds). A job's rows are never split across batches. Requests that arrive while a batch
-runs wait for the next one; rows do not join a running batch (no continuous batching: the guides' KV caches
-cannot merge rows yet).
+`batch_wait_s` for as many rows as its previous batch had (`_collect`), and decodes every job that fits in
+`max_batch_size` rows together, whatever each row's personalization (decoding/personalization.py builds one
+rule per method present; strengths, weights, temperatures, top-p and seeds are per row). A job's rows are never
+split across batches. Requests that arrive while a batch runs wait for the next one; rows do not join a running
+batch (no continuous batching: the guides' KV caches cannot merge rows yet).
 
 Rows leave a running batch at their EOS, their own max_tokens, a stop string, a cancelled job (client gone,
 request timed out) or a failed job: `decode_steps` is told through `steps.send(done)` and gives them pad from then
@@ -91,7 +90,7 @@ class Engine:
     """A bounded queue of jobs and the worker thread that decodes them in batches (module docstring)."""
 
     def __init__(self, guidance: Guidance, *, max_batch_size: int = 32, max_queue: int = 256,
-                 batch_wait_s: float = 0.005, eos_ids: list[int] | None = None):
+                 batch_wait_s: float = 0.02, eos_ids: list[int] | None = None):
         self.g, self.max_batch_size, self.max_queue = guidance, max_batch_size, max_queue
         self.batch_wait_s = batch_wait_s
         tok = guidance.tokenizer
@@ -99,8 +98,11 @@ class Engine:
         self.pending: collections.deque[Job] = collections.deque()
         self.cond = threading.Condition()
         self.model_lock = threading.Lock()  # held while the models run: a batch, or a profile's weight fit
-        self.stats = {"batches": 0, "rows": 0, "max_batch_rows": 0, "last_batch_rows": 0, "running_rows": 0,
-                      "completion_tokens": 0, "cancelled_rows": 0, "failed_batches": 0, "rejected_full": 0}
+        self.stats = {"requests": 0, "batches": 0, "rows": 0, "max_batch_rows": 0, "last_batch_rows": 0,
+                      "running_rows": 0, "completion_tokens": 0, "cancelled_rows": 0, "failed_batches": 0,
+                      "rejected_full": 0}
+        self.expected_rows = 1  # demand seen during the previous batch: how many rows a new batch waits for
+        self.recent: collections.deque[int] = collections.deque(maxlen=16)  # rows of the last batches
         self.thread: threading.Thread | None = None
         self.stopping = False
 
@@ -125,11 +127,13 @@ class Engine:
                 self.stats["rejected_full"] += 1
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
             self.pending.append(job)
+            self.stats["requests"] += 1
             self.cond.notify()
 
     def health(self) -> dict:
-        return {**self.stats, "queued": len(self.pending), "max_queue": self.max_queue,
-                "max_batch_size": self.max_batch_size, "worker_alive": bool(self.thread and self.thread.is_alive())}
+        return {**self.stats, "recent_batch_rows": list(self.recent), "queued": len(self.pending),
+                "max_queue": self.max_queue, "max_batch_size": self.max_batch_size,
+                "worker_alive": bool(self.thread and self.thread.is_alive())}
 
     # --- the worker ---
     def _work(self) -> None:
@@ -143,15 +147,24 @@ class Engine:
                     self._decode(jobs)
 
     def _collect(self) -> list[Job] | None:
-        """Block for the oldest job, wait up to batch_wait_s for more, pop every job that fits (FIFO)."""
+        """Block for the oldest job, then wait up to batch_wait_s until as many rows wait as the demand seen during
+        the previous batch (`expected_rows`: its rows plus those that queued while it ran; at most
+        max_batch_size); pop every job that fits, oldest first.
+
+        Why: clients in a closed loop (each sends its next request when its last one returns) come back together,
+        but spread over tens of ms on a loaded CPU. A fixed window of a few ms split 32 such clients into a full
+        batch and a batch of stragglers that then made the others wait (measured: batches of 32, 1, 32, 1 ...,
+        half the throughput), and waiting for the previous batch's size alone settled into 25 + 7. One client, or
+        sparse traffic: the target is 1 row, so no wait at all."""
         with self.cond:
             while not self.pending and not self.stopping:
                 self.cond.wait(0.5)
             if self.stopping:
                 return None
-            deadline = time.monotonic() + self.batch_wait_s
-            while sum(len(j.rows) for j in self.pending) < self.max_batch_size and not self.stopping:
-                left = deadline - time.monotonic()
+            end = time.monotonic() + self.batch_wait_s
+            target = min(self.max_batch_size, max(1, self.expected_rows))
+            while sum(len(j.rows) for j in self.pending) < target and not self.stopping:
+                left = end - time.monotonic()
                 if left <= 0:
                     break
                 self.cond.wait(left)
@@ -171,6 +184,7 @@ class Engine:
         rows = [r for j in jobs for r in j.rows]
         owner = [j for j in jobs for _ in j.rows]
         index = [i for j in jobs for i in range(len(j.rows))]  # a row's choice index within its job
+        self.recent.append(len(rows))
         self.stats.update(running_rows=len(rows), last_batch_rows=len(rows), batches=self.stats["batches"] + 1,
                           rows=self.stats["rows"] + len(rows),
                           max_batch_rows=max(self.stats["max_batch_rows"], len(rows)))
@@ -196,15 +210,17 @@ class Engine:
             for b, r in enumerate(rows):  # decode_steps ended at max_new_tokens: every live row hit its limit
                 if not done[b]:
                     self._finish(r, owner[b], index[b], "length")
-            for job in jobs:
-                job.emit("end", None, None)
+            outcome = ("end", None, None)
         except Exception as exc:  # a bug or an out-of-memory: fail this batch's requests, keep serving
             log.exception("decode batch of %d rows failed", len(rows))
             self.stats["failed_batches"] += 1
-            for job in jobs:
-                job.emit("error", None, f"{type(exc).__name__}: {exc}")
-        finally:
-            self.stats["running_rows"] = 0
+            outcome = ("error", None, f"{type(exc).__name__}: {exc}")
+        # settle the state before any client hears back (a client may send its next request at once)
+        self.stats["running_rows"] = 0
+        with self.cond:  # the demand seen during this batch: its rows and those that queued meanwhile
+            self.expected_rows = len(rows) + sum(len(j.rows) for j in self.pending)
+        for job in jobs:
+            job.emit(*outcome)
 
     def _take(self, row: Row, job: Job, index: int, token: int) -> bool:
         """Account one emitted token of a live row; True when the row is finished now."""

@@ -82,7 +82,7 @@ class ServeConfig:
     db: str = "runs/serve/users.sqlite"  # user profiles (SQLite, WAL); kept across restarts
     max_batch_size: int = 32  # rows (choices) decoded together; a request's prompts x n must fit
     max_queue: int = 256  # requests waiting for a batch; one more gets 429
-    batch_wait_ms: float = 5.0  # how long the first waiting request waits for others to join its batch
+    batch_wait_ms: float = 100.0  # longest wait of a new batch for the demand seen during the last one
     request_timeout_s: float = 120.0  # from arrival to last token; past it: 408 (a stream ends with an error event)
     max_prompt_tokens: int = 1024  # per prompt, as the base or a guide reads it
     max_tokens: int = 512  # the largest max_tokens a request may ask for

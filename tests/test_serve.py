@@ -68,9 +68,18 @@ def artifacts(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The servers here run torch on 1 thread (ServeConfig.threads): with the 2 of conftest, a worker thread
+    beside the test's request threads on a loaded 2-core machine made steps up to 100x slower (OpenMP waits)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def serve_config(root: Path, **kw) -> ServeConfig:
     base = dict(policy=str(root / "policy"), guides_dir=str(root / "guides"), db=str(root / "users.sqlite"),
-                model_name=MODEL, device="cpu", max_tokens=48, default_max_tokens=8, max_batch_size=8,
+                model_name=MODEL, device="cpu", threads=1, max_tokens=48, default_max_tokens=8, max_batch_size=8,
                 max_queue=16, batch_wait_ms=2.0, max_prompt_tokens=64, max_pairs=20, max_body_bytes=100_000)
     return ServeConfig(**{**base, **kw})
 
@@ -197,9 +206,10 @@ def test_zero_strength_gives_the_tokens_of_the_prompt_the_method_reads(client, m
     assert any(g != reference for g in guided)  # random guides move the argmax somewhere in 10 tokens
 
 
-def _concurrently(client, bodies: list[dict], server, wait_s: float = 1.0) -> list[dict]:
-    """POST every body at once (threads), with the batch window widened so they share one batch."""
+def _concurrently(client, bodies: list[dict], server, wait_s: float = 2.0) -> list[dict]:
+    """POST every body at once (threads); the batcher waits (up to wait_s) for all of them to share one batch."""
     server.engine.batch_wait_s, old = wait_s, server.engine.batch_wait_s
+    server.engine.expected_rows = len(bodies)
     try:
         with ThreadPoolExecutor(len(bodies)) as pool:
             out = list(pool.map(lambda b: client.post("/v1/chat/completions", json=b), bodies))
@@ -240,10 +250,10 @@ def test_full_queue_answers_429_and_the_queued_requests_still_complete(client, s
     engine.max_queue, old = 2, engine.max_queue
     try:
         with ThreadPoolExecutor(3) as pool, engine.model_lock:  # the worker stalls on its first batch
+            submitted = engine.stats["requests"]
             running = pool.submit(complete, client, max_tokens=4)
-            _wait_for(lambda: engine.stats["running_rows"] == 0 and not engine.pending and engine.stats["rows"] > 0
-                      and running.running())
-            time.sleep(0.05)  # the first request is now collected, waiting for the model lock
+            # submitted and no longer pending: the worker has collected it and waits for the model lock
+            _wait_for(lambda: engine.stats["requests"] == submitted + 1 and not engine.pending)
             queued = [pool.submit(complete, client, max_tokens=4) for _ in range(2)]
             _wait_for(lambda: len(engine.pending) == 2)
             r = complete(client, max_tokens=4)

@@ -1,0 +1,264 @@
+"""Benchmark: the decode API (decoding/serve.py) under 1, 8 and 32 concurrent clients, against serving the same
+requests one at a time and against offline batched generation of the same requests.
+
+For each model, one real `python -m decoding.serve` process on a free loopback port, driven by HTTP clients
+(threads; each sends its share of the requests one after another, a closed loop); every mode serves the SAME
+requests (chat prompts of ~40 random words, greedy; 128 requests x 128 new tokens on the world model, 64 x 32 on
+the bench model, `--requests` / `--new-tokens` to change), each mode after an untimed warm-up round at its own
+concurrency:
+
+    one_at_a_time   1 client: every request decoded alone (the baseline of the ratios)
+    clients_8/32    8 / 32 clients at once: the server batches what arrives together
+    offline         `decoding.generate.generate` on the same prompts in batches of max_batch_size, in this process,
+                    with the server idle and the same thread count: the ceiling a server can approach
+
+Models (the two of bench/decode.py, whose shapes are imported from there):
+
+    world   the tiny world policy's shape (~0.7M parameters); its trained weights when the default world SFT
+            policy is cached, else random weights
+    bench   a ~25M-parameter Llama (6 layers x 512, vocabulary 8192), random weights
+
+Random-weight models get a word-level tokenizer of their vocabulary with a chat template, and their EOS row of
+lm_head is zeroed so that no row stops early (all modes then generate exactly the same tokens; bench/decode.py
+bans EOS the same way through min_new_tokens). Throughput is generated tokens (`usage.completion_tokens`) per
+wall-clock second; latency is per request, arrival to last byte; p50 / p99 over the requests of the mode.
+
+    OMP_NUM_THREADS=1 python bench/serve.py                       # ~2 min on a loaded 2-core CPU
+    python bench/serve.py --models bench --requests 128 --threads 2 --device cuda
+
+The last line is one JSON object with every figure, the load average before and after, and the thread count.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from decode import SHAPES, build  # noqa: E402  (bench/decode.py: the same two models as the decoding bench)
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# (requests per mode, new tokens per request): the world model as bench/decode.py (128 tokens); the 25M model is
+# compute-bound on a CPU (~13 ms a step alone), so fewer, shorter requests keep its one-at-a-time run near 30 s.
+WORKLOAD = {"world": (128, 128), "bench": (64, 32)}
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def word_tokenizer(vocab: int):
+    """A whitespace word-level tokenizer of exactly `vocab` ids (specials first: <pad> 0, <s> 1, </s> 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {t: i for i, t in enumerate(SPECIALS + [f"w{i}" for i in range(vocab - len(SPECIALS))])}
+    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", additional_special_tokens=SPECIALS[4:])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def policy_dir(name: str, out: Path) -> tuple[Path, str]:
+    """An HF directory the server can load: the cached world SFT policy, or a random model + word tokenizer."""
+    from dataclasses import replace
+
+    from alignment.cache import artifact_dir, is_complete
+    from alignment.models import save_model
+    from alignment.sft import SFTConfig, final_model
+
+    if name == "world":
+        cached = artifact_dir("sft", replace(SFTConfig(), runs_dir=""), runs_dir=ROOT / "runs")
+        if is_complete(cached):
+            return final_model(cached / "run"), "trained world SFT policy"
+    model = build(SHAPES[name]["base"], 0)
+    with torch.no_grad():
+        model.lm_head.weight[2] = 0.0  # EOS logit 0 against ~V signed logits: never the argmax
+    save_model(model, word_tokenizer(model.config.vocab_size), out / name)
+    return out / name, f"random weights, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
+
+
+def requests_for(tokenizer, n: int, new_tokens: int, seed: int = 0) -> list[dict]:
+    """n chat requests of ~40 words drawn from the tokenizer's vocabulary (ids >= 8: no specials)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = [w for w, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]) if i >= 8 and w.isalnum()]
+    out = []
+    for i in range(n):
+        words = [vocab[j] for j in torch.randint(len(vocab), (int(torch.randint(30, 50, (1,), generator=g)),),
+                                                 generator=g).tolist()]
+        out.append({"messages": [{"role": "system", "content": " ".join(words[:10])},
+                                 {"role": "user", "content": " ".join(words[10:])}],
+                    "max_tokens": new_tokens, "temperature": 0, "seed": i})
+    return out
+
+
+# --- the server and its clients -------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(policy: Path, args, new_tokens: int, work: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "decoding.serve", f"policy={policy}", "model_name=bench", f"port={port}",
+           f"threads={args.threads}", f"device={args.device}", f"max_batch_size={args.batch}",
+           f"max_tokens={new_tokens}", "max_queue=1024",
+           f"runs_dir={work / 'runs'}", f"db={work / 'users.sqlite'}", "request_timeout_s=600"]
+    cmd += [f"batch_wait_ms={args.batch_wait_ms}"] if args.batch_wait_ms is not None else []
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "w"))
+    url, end = f"http://127.0.0.1:{port}", time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {(work / 'server.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+        if time.monotonic() > end:
+            raise RuntimeError("the server did not come up in 180 s")
+
+
+def drive(url: str, requests: list[dict], clients: int) -> dict:
+    """`clients` closed-loop clients, one thread and one keep-alive connection each (stdlib http.client: ~5x less
+    CPU per request than an asyncio httpx client, which shares this machine's cores with the server), share the
+    requests: client c sends requests c, c + clients, ... one after another."""
+    host, port = url.removeprefix("http://").split(":")
+    latencies, tokens, failures = [], [], []
+
+    def client(mine: list[dict]) -> None:
+        conn = http.client.HTTPConnection(host, int(port), timeout=600)
+        try:
+            for body in mine:
+                t0 = time.perf_counter()
+                conn.request("POST", "/v1/chat/completions", json.dumps({"model": "bench", **body}),
+                             {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                data = r.read()
+                latencies.append(time.perf_counter() - t0)
+                if r.status != 200:
+                    failures.append(f"{r.status} {data[:300]!r}")
+                    return
+                tokens.append(json.loads(data)["usage"]["completion_tokens"])
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, args=(requests[c::clients],)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    if failures:
+        raise RuntimeError(f"{len(failures)} requests failed, e.g. {failures[0]}")
+    return summary(sum(tokens), seconds, latencies)
+
+
+def summary(tokens: int, seconds: float, latencies: list[float]) -> dict:
+    ordered = sorted(latencies)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "requests": len(latencies),
+            "p50_ms": 1000 * statistics.median(ordered), "p99_ms": 1000 * pick(0.99)}
+
+
+def offline(policy: Path, requests: list[dict], new_tokens: int, args) -> dict:
+    """The same prompts through `generate` directly, in batches of args.batch (no HTTP, no queue)."""
+    from alignment.config import ModelConfig
+    from alignment.models import load_causal_lm, load_tokenizer
+    from decoding.generate import encode_prompts, generate
+
+    tok = load_tokenizer(policy)
+    model = load_causal_lm(ModelConfig(name_or_path=str(policy), dtype="float32", device=args.device), tok)
+    eos = model.generation_config.eos_token_id
+    tokens, latencies, t0 = 0, [], time.perf_counter()
+    for s in range(0, len(requests), args.batch):
+        chunk, b0 = requests[s:s + args.batch], time.perf_counter()
+        ids, mask = encode_prompts(tok, [r["messages"] for r in chunk], model.device)
+        new = generate(model, ids, mask, max_new_tokens=new_tokens, eos_token_id=eos if eos is not None else
+                       tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        tokens += int(((new != tok.pad_token_id) & ~torch.isin(new, torch.tensor(eos if isinstance(eos, list)
+                                                                                   else [eos]))).sum())
+        latencies += [time.perf_counter() - b0] * len(chunk)
+    return summary(tokens, time.perf_counter() - t0, latencies)
+
+
+def bench_model(name: str, args, work: Path) -> dict:
+    from alignment.models import load_tokenizer
+
+    n, new_tokens = args.requests or WORKLOAD[name][0], args.new_tokens or WORKLOAD[name][1]
+    policy, source = policy_dir(name, work)
+    requests = requests_for(load_tokenizer(policy), n, new_tokens)
+    (work / f"server-{name}").mkdir(parents=True, exist_ok=True)
+    proc, url = start_server(policy, args, new_tokens, work / f"server-{name}")
+    try:
+        modes = {}
+        for clients in [1, *args.clients]:
+            # warm-up at this concurrency (untimed): first-call allocations, and the batcher's expected demand
+            drive(url, requests[:clients], clients)
+            modes["one_at_a_time" if clients == 1 else f"clients_{clients}"] = drive(url, requests, clients)
+        engine = httpx.get(f"{url}/health", timeout=10).json()["engine"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    modes["offline"] = offline(policy, requests, new_tokens, args)
+    top = f"clients_{max(args.clients)}"
+    ratios = {f"{top}_vs_one_at_a_time": modes[top]["tokens_per_s"] / modes["one_at_a_time"]["tokens_per_s"],
+              f"{top}_vs_offline": modes[top]["tokens_per_s"] / modes["offline"]["tokens_per_s"]}
+    return {"weights": source, "requests": n, "new_tokens": new_tokens, "modes": modes, "ratios": ratios,
+            "engine": {k: engine[k] for k in ("batches", "rows", "max_batch_rows", "recent_batch_rows",
+                                               "failed_batches")}}
+
+
+def report(name: str, r: dict) -> None:
+    print(f"\n{name} ({r['weights']})")
+    print(f"  {'mode':<15} {'tokens/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'requests':>9}")
+    for mode, m in r["modes"].items():
+        print(f"  {mode:<15} {m['tokens_per_s']:>10.0f} {m['p50_ms']:>9.0f} {m['p99_ms']:>9.0f} {m['requests']:>9}")
+    for k, v in r["ratios"].items():
+        print(f"  {k}: {v:.2f}x")
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="world,bench")
+    parser.add_argument("--requests", type=int, help="requests per mode, a multiple of 32 (default per model)")
+    parser.add_argument("--new-tokens", type=int, help="per request (default per model)")
+    parser.add_argument("--clients", default="8,32", type=lambda s: [int(c) for c in s.split(",")])
+    parser.add_argument("--batch", type=int, default=32, help="the server's max_batch_size and the offline batch")
+    parser.add_argument("--batch-wait-ms", type=float, default=None, help="default: the server's (ServeConfig)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, server and offline alike")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    figures = {"threads": args.threads,
+               "device": args.device, "batch": args.batch, "batch_wait_ms": args.batch_wait_ms}
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        for name in args.models.split(","):
+            r = bench_model(name, args, Path(tmp))
+            report(name, r)
+            figures[name] = r
+    figures["load_average"] = {"before": load_before, "after": os.getloadavg()}
+    print(f"\nload average {load_before[0]:.1f} -> {figures['load_average']['after'][0]:.1f} on {os.cpu_count()} "
+          f"cores, {args.threads} torch thread(s)")
+    print(json.dumps(figures))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
