@@ -531,17 +531,19 @@ class Gate:
                 resp = APIError(401, f"{why}: send `Authorization: Bearer <key>`", None, "invalid_api_key")
                 return await resp.response()(scope, receive, send)
         length = headers.get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_body:
-            resp = APIError(413, f"the body exceeds {self.max_body} bytes" if length.isdigit()
-                            else "bad Content-Length header", None, "body_too_large")
-            return await resp.response()(scope, receive, send)
+        if not length.isdigit():
+            return await APIError(400, "bad Content-Length header", None, "bad_content_length").response()(
+                scope, receive, send)
+        if int(length) > self.max_body:
+            return await APIError(413, f"the body exceeds {self.max_body} bytes", None, "body_too_large").response()(
+                scope, receive, send)
         seen = 0
 
         async def limited():
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_body:  # chunked bodies without Content-Length
+            if seen > self.max_body:  # a chunked body without Content-Length: FastAPI turns this into a 400
                 raise APIError(413, f"the body exceeds {self.max_body} bytes", None, "body_too_large")
             return message
 
