@@ -22,11 +22,12 @@ Personalization rides in an extension object, which the `openai` client sends th
 echo the resolved personalization beside `usage`.
 
 This module has no generation logic: requests become rows of `decoding/scheduler.py`'s batches, which run
-`decoding.generate.decode_steps` with the rules of decoding/processors.py. Here: request validation, limits,
-profiles, errors and the wire format. Every bad request is a 4xx with an OpenAI error object
-{"error": {"message", "type", "param", "code"}}: 400 invalid fields or limits, 401 a missing or wrong API key,
-404 an unknown model, user or route, 408 a request past `request_timeout_s`, 413 a body over `max_body_bytes`,
-429 a full queue. Binds 127.0.0.1 unless `host` says otherwise.
+`decoding.generate.decode_steps` with the rules of decoding/processors.py. Here: limits, profiles, routes; the
+wire format (request bodies, error objects, response bodies, stream chunks) is decoding/api.py. Every bad
+request is a 4xx with an OpenAI error object {"error": {"message", "type", "param", "code"}}: 400 invalid fields
+or limits, 401 a missing or wrong API key, 404 an unknown model, user or route, 408 a request past
+`request_timeout_s`, 413 a body over `max_body_bytes`, 429 a full queue. Binds 127.0.0.1 unless `host` says
+otherwise.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures (local names) at definition time.
@@ -41,15 +42,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from alignment.sft import SFTConfig
+from decoding.api import (
+    UINT64_MAX,
+    USER_ID,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    ProfileBody,
+    Reply,
+    Sampling,
+    choice,
+    usage,
+    validation_error,
+)
 
 log = logging.getLogger(__name__)
-
-INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
-USER_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
-
 
 @dataclass
 class Strengths:
@@ -89,130 +97,6 @@ class ServeConfig:
     default_max_tokens: int = 64  # when a request gives none
     max_pairs: int = 500  # labelled pairs per profile
     max_body_bytes: int = 2_000_000
-
-
-# --- request bodies (pydantic; strict: no silent "5" -> 5, true -> 1) ------------------------------------------------
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-
-UserId = Annotated[str, Field(pattern=USER_ID)]
-Text = Annotated[str, Field(max_length=200_000)]
-
-
-class Personalization(Strict):
-    method: Literal["none", "prompt", "pad", "drift", "genarm", "args"] = "none"
-    user_id: UserId | None = None
-    persona: Text | None = None
-    attribute_weights: Annotated[dict[Annotated[str, Field(max_length=64)], float], Field(max_length=64)] | None = None
-    strength: Annotated[float, Field(ge=0, le=100)] | None = None
-
-
-class StreamOptions(Strict):
-    include_usage: bool = False
-
-
-class Sampling(Strict):
-    """Fields shared by completions and chat completions (OpenAI names and ranges)."""
-
-    model: Annotated[str, Field(max_length=256)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=1024)] | None = None
-    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
-    seed: Annotated[int, Field(ge=INT64_MIN, le=UINT64_MAX)] | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    user: Annotated[str, Field(max_length=256)] | None = None  # the end user, as OpenAI clients send it; unused
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    personalization: Personalization | None = None
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float | None) -> float | None:
-        if v:
-            raise ValueError("penalties are not supported; send 0 or leave the field out")
-        return v
-
-
-class CompletionRequest(Sampling):
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1024)]
-    logprobs: Literal[0] | None = None  # logprobs are not returned; 0 / null accepted for compatibility
-    echo: Literal[False] | None = None
-
-
-class TextPart(Strict):
-    type: Literal["text"]
-    text: Text
-
-
-class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | Annotated[list[TextPart], Field(max_length=256)]
-    name: Annotated[str, Field(max_length=256)] | None = None
-
-
-class ChatRequest(Sampling):
-    messages: Annotated[list[Message], Field(min_length=1, max_length=1024)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: Literal[False] | None = None
-
-
-class Pair(Strict):
-    prompt: Text | Annotated[list[Message], Field(min_length=1, max_length=64)]
-    chosen: Text
-    rejected: Text
-
-
-class ProfileBody(Strict):
-    """PUT replaces the profile with these fields; PATCH changes only the fields given."""
-
-    persona: Text | None = None
-    attribute_weights: Annotated[dict[Annotated[str, Field(max_length=64)], float], Field(max_length=64)] | None = None
-    pairs: Annotated[list[Pair], Field(min_length=1, max_length=100_000)] | None = None
-
-
-# --- errors ---------------------------------------------------------------------------------------------------------
-class APIError(Exception):
-    """An OpenAI-style error response: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
-
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        kind = self.TYPES.get(self.status, "invalid_request_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-    def response(self):
-        from fastapi.responses import JSONResponse
-
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-def validation_error(exc) -> APIError:
-    """FastAPI's validation errors (a list) as one 400 naming the first bad field, e.g. `messages.0.role`."""
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": "invalid"}
-    # loc: ("body", "stop", "list[constrained-str]", 0); union-member tags (with "[" or "-") are not fields
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")
-           and (isinstance(p, int) or not set("[-") & set(str(p)))]
-    param = ".".join(loc) or None
-    message = first.get("msg", "invalid request")
-    if first.get("type") == "json_invalid":
-        message, param = "the body is not valid JSON", None
-    elif first.get("type") == "extra_forbidden":
-        message = f"unknown parameter {param!r}"
-    elif first.get("type") == "missing":
-        message = f"missing required parameter {param!r}"
-    elif param:
-        message = f"{param}: {message}"
-    return APIError(400, message, param, first.get("type"))
 
 
 # --- the server's state -------------------------------------------------------------------------------------------
@@ -349,43 +233,7 @@ def chat_prompt(server: Server, body: ChatRequest) -> list[dict]:
     return out
 
 
-# --- responses ------------------------------------------------------------------------------------------------------
-def usage(rows: list, n: int) -> dict:
-    prompt = sum(r.prompt_tokens for r in rows[::n])  # a prompt counts once, whatever n
-    completion = sum(len(r.ids) for r in rows)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def choice(chat: bool, index: int, text: str, finish: str | None, stream: bool = False, first: bool = False) -> dict:
-    if not chat:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-    if not stream:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish}
-    delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-
-
-class Reply:
-    """The envelope of one response: id, object names, model, created; builds bodies and stream chunks."""
-
-    def __init__(self, server: Server, chat: bool, personalization: dict):
-        self.chat, self.model, self.personalization = chat, server.model_name, personalization
-        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        self.created = int(time.time())
-
-    def body(self, rows: list, n: int) -> dict:
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model,
-                "choices": [choice(self.chat, i, r.text, r.finish_reason) for i, r in enumerate(rows)],
-                "usage": usage(rows, n), "personalization": self.personalization}
-
-    def chunk(self, choices: list[dict], **extra: Any) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": choices, **extra}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-
+# --- waiting for a job ---------------------------------------------------------------------------------------------
 async def wait_disconnect(request) -> None:
     """Returns when the client has gone (ASGI http.disconnect); the request body has been read already."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -462,7 +310,7 @@ async def generate_response(server: Server, request, body: Sampling, prompts: li
         check_text(body.personalization.model_dump(), "personalization")
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or server.cfg.default_max_tokens
     rows = make_rows(server, body, prompts, max_tokens)
-    reply = Reply(server, chat, rows[0].personalization.echo(server.guidance.attributes))
+    reply = Reply(server.model_name, chat, rows[0].personalization.echo(server.guidance.attributes))
     job = Job(rows, stream=bool(body.stream))
     try:
         server.engine.submit(job)
