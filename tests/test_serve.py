@@ -237,6 +237,42 @@ def test_greedy_request_gets_the_same_tokens_alone_as_batched_beside_other_users
         assert got["choices"][0]["message"]["content"] == solo["choices"][0]["message"]["content"]
 
 
+# --- the hooks of decoding/generate.py the server decodes through ----------------------------------------------------
+def test_nucleus_worked_example():
+    from decoding.generate import nucleus
+
+    scores = torch.tensor([[0.5, 0.3, 0.2]]).log().expand(4, 3)  # mass above each token: 0, 0.5, 0.8
+    kept = torch.isfinite(nucleus(scores, torch.tensor([0.5, 0.6, 0.81, 1.0])))
+    assert kept.tolist() == [[True, False, False], [True, True, False], [True, True, True], [True, True, True]]
+
+
+def test_per_row_temperature_samples_like_the_scalar_path_and_zero_rows_take_the_argmax():
+    from decoding.generate import pick_tokens, row_generators
+
+    scores = torch.randn(3, 47, generator=torch.Generator().manual_seed(0))
+    scalar = pick_tokens(scores, 0.7, row_generators([1, 2, 3]))
+    assert torch.equal(pick_tokens(scores, torch.tensor([0.7, 0.7, 0.7]), row_generators([1, 2, 3])), scalar)
+    mixed = pick_tokens(scores, torch.tensor([0.0, 0.7, 0.0]), row_generators([1, 2, 3]))
+    assert mixed[0] == scores[0].argmax() and mixed[2] == scores[2].argmax() and mixed[1] == scalar[1]
+    assert scalar[0] != scores[0].argmax() or scalar[2] != scores[2].argmax()  # T = 0.7 did sample somewhere
+
+
+def test_sending_rows_to_decode_steps_finishes_them_and_leaves_the_others_alone(server):
+    from decoding.generate import decode_steps, generate
+    from decoding.guides import left_pad
+
+    ids, mask = left_pad([[4, 5, 6], [7, 8], [9, 10, 11, 12]], 0)
+    kw = dict(max_new_tokens=6, eos_token_id=2, pad_token_id=0)
+    plain = generate(server.guidance.base, ids, mask, **kw)
+    steps, got = decode_steps(server.guidance.base, ids, mask, **kw), []
+    got.append(next(steps))
+    got.append(steps.send(torch.tensor([False, True, False])))  # row 1 stops after its first token
+    got += list(steps)
+    got = torch.stack(got, 1)
+    assert got.shape == plain.shape and (plain[1, 1:] != 0).all()
+    assert torch.equal(got[[0, 2]], plain[[0, 2]]) and got[1, 0] == plain[1, 0] and (got[1, 1:] == 0).all()
+
+
 # --- queue, timeouts ------------------------------------------------------------------------------------------------
 def _wait_for(cond, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
