@@ -18,10 +18,11 @@ language and can match a value in the response against the one in the statement.
 language model is its SFT policy (`alignment/sft.py`, trained from scratch on world dialogues with the world
 tokenizer): it has learned to copy a statement's value into its answer, which is exactly the comparison NLI needs.
 By default (`init=policy`) both classifiers start from it with a new classification head. Measured on holdout
-characters (same data, steps and batch): from the policy, relevance recall no/yes 0.97/0.997 after 300 steps and
-NLI contradicted/neutral/entailed 0.83/0.78/0.73 after 600; from random weights (`init=model`, 128-wide, 2 layers)
-relevance 0.78/0.94 after 900 steps and NLI 0.04/0.59/0.89 after 500 (it never tells a contradiction from an
-entailment).
+characters (batch 64): from the policy, relevance recall no/yes 0.97/0.997 after 300 steps and NLI
+contradicted/neutral/entailed 0.90/0.89/0.89 after 1500 (lr 2e-3); from random weights (`init=model`, 128-wide, 2
+layers) relevance 0.78/0.94 after 900 steps and NLI 0.04/0.59/0.89 after 500 (it never tells a contradiction from
+an entailment). What remains hard is comparing the value words of single-valued slots ("i live in lyon ." against
+"i live in rome ."): 15-19% of those entailed/contradicted cases are misread after 1500 steps.
 
 Differences from the paper:
   - two sets on disjoint characters: `reward/` is trained on the characters with split == "reward" and is what
@@ -64,7 +65,12 @@ TARGET_RECALL = 0.9
 # tells their labels apart is the comparison the classifier has to learn, not a style or query shortcut.
 ON_TOPIC = 0.6  # share of NLI queries about the statement's slot; the label does not depend on the query
 OFF_TOPIC_NEGATIVES = 0.25  # share of relevance negatives with an off-topic query; the rest ask about another slot
-NEUTRAL_MIX = (0.0, 0.0, 0.6, 0.4)  # the neutral response of a triple: another true fact (0.6) or chit-chat (0.4)
+# The neutral response of a triple: another slot of the statement's family (the hard case, and the common one in
+# APC, where most of a character's statements are opinions and a response asserts one fact), another family, or
+# chit-chat. With (0.6, 0.4) of the character's facts plus chit-chat, 83% of the held-out "maps ... like" against
+# "rain ... like" cases were misread after 1500 steps (they were 10% of the neutral examples).
+NEUTRAL_SAME_FAMILY = 0.6
+NEUTRAL_OTHER_FAMILY = 0.2
 
 
 @dataclass
@@ -82,9 +88,9 @@ class DiscriminatorConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(  # init=model: preset or pretrained encoder
         preset="llama", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_positions=128))
     relevance_steps: int = 300
-    nli_steps: int = 600
+    nli_steps: int = 1500  # measured from the policy: min recall 0.83 at 600 steps, 0.89 at 1500
     batch_size: int = 64
-    lr: float = 3e-3  # peak; linear warmup then cosine decay (pretrained encoders: ~5e-5)
+    lr: float = 2e-3  # peak; linear warmup then cosine decay (pretrained encoders: ~5e-5)
     warmup: int = 30
     train_examples: int = 4000  # per class and classifier, drawn from the set's characters
     eval_examples: int = 300  # per class and classifier, drawn from the holdout characters
@@ -138,25 +144,48 @@ def relevance_pair(character: dict, queries: dict, rng) -> list[tuple[tuple, int
             for slot in (s["slot"], other)]
 
 
+def neutral_fact(statement_slot: str, facts: dict[str, str], rng) -> tuple[str, str] | None:
+    """The content of a response that is neutral to a statement about `statement_slot`: another slot of the same
+    family (an opinion about another item for an opinion, another single slot for a single one) with probability
+    NEUTRAL_SAME_FAMILY, another slot of the other family with NEUTRAL_OTHER_FAMILY, else chit-chat (None). The
+    value is the character's own when it has the slot and a coin says so, else any value of the slot: a response
+    may assert anything about the slots the statement is not about."""
+    from alignment import language as lang
+
+    u = rng.random()
+    if u >= NEUTRAL_SAME_FAMILY + NEUTRAL_OTHER_FAMILY:
+        return None
+    opinion = statement_slot.startswith("opinion:")
+    same_family = u < NEUTRAL_SAME_FAMILY
+    slots = [slot for slot in lang.all_slots() if slot != statement_slot
+             and slot.startswith("opinion:") == (opinion if same_family else not opinion)]
+    slot = slots[rng.integers(len(slots))]
+    values = lang.slot_values(slot)
+    value = facts[slot] if slot in facts and rng.random() < 0.5 else values[rng.integers(len(values))]
+    return slot, value
+
+
 def nli_triple(character: dict, queries: dict, rng) -> list[tuple[tuple, int]]:
     """One statement and three responses in one sampled style that differ only in the content clause: the
-    statement's value (entailed), another value of its slot (contradicted), another of the character's facts or
-    chit-chat (neutral; often an opinion in the same template, "maps is something i like ."), labelled by the
-    oracle from the parsed text. The query is another of the character's queries 40% of the time: contradicting a
-    statement the query is not about is the passive constraint's case."""
+    statement's value (entailed), another value of its slot (contradicted), and a fact about another slot or
+    chit-chat (neutral, `neutral_fact`: mostly the hard case "maps is something i like ." against "rain is something
+    i like ."), labelled by the oracle from the parsed text. The query is another of the character's queries 40% of
+    the time: contradicting a statement the query is not about is the passive constraint's case."""
     from alignment import language as lang
     from alignment import people
 
-    facts = [(st["slot"], st["value"]) for st in character["statements"]]
+    facts = {st["slot"]: st["value"] for st in character["statements"]}
     asked = queries[character["character_id"]]
     s = character["statements"][rng.integers(len(character["statements"]))]
     slot = s["slot"] if rng.random() < ON_TOPIC else list(asked)[rng.integers(len(asked))]
     query = asked[slot][rng.integers(len(asked[slot]))]
     style = people.sample_style(rng)
+    wrong = [v for v in lang.slot_values(s["slot"]) if v != s["value"]]
+    contents = [(s["slot"], s["value"]), (s["slot"], wrong[rng.integers(len(wrong))]),
+                neutral_fact(s["slot"], facts, rng)]
     out = []
-    for mix in ((1.0, 0.0, 0.0, 0.0), (0.0, 1.0, 0.0, 0.0), NEUTRAL_MIX):  # answer, contradict, neutral
-        fact, neutral = people.sample_content(rng, facts, s["slot"], mix)
-        response = lang.render_response(fact, neutral, style)
+    for fact in contents:  # entailed, contradicted, neutral
+        response = lang.render_response(fact, int(rng.integers(len(lang.NEUTRAL_CLAUSES))), style)
         label = lang.nli_label((s["slot"], s["value"]), lang.parse_response(response).fact)
         out.append(((character["name"], s["text"], query, response), NLI_LABELS.index(label)))
     return out
