@@ -3,8 +3,8 @@ requests one at a time and against offline batched generation of the same reques
 
 For each model, one real `python -m decoding.serve` process on a free loopback port, driven by HTTP clients
 (threads; each sends its share of the requests one after another, a closed loop); every mode serves the SAME
-requests (chat prompts of ~40 random words, greedy; 128 requests x 128 new tokens on the world model, 64 x 32 on
-the bench model, `--requests` / `--new-tokens` to change), each mode after an untimed warm-up round at its own
+requests (chat prompts of ~40 random words, greedy; 128 requests x 128 new tokens on the world model, 128 x 32
+on the bench model, `--requests` / `--new-tokens` to change), each mode after an untimed warm-up round at its own
 concurrency:
 
     one_at_a_time   1 client: every request decoded alone (the baseline of the ratios)
@@ -25,7 +25,7 @@ lm_head is zeroed so that no row stops early (all modes then generate exactly th
 bans EOS the same way through min_new_tokens). Throughput is generated tokens (`usage.completion_tokens`) per
 wall-clock second; latency is per request, arrival to last byte; p50 / p99 over the requests of the mode.
 
-    OMP_NUM_THREADS=1 python bench/serve.py                       # ~2 min on a loaded 2-core CPU
+    OMP_NUM_THREADS=1 python bench/serve.py                       # ~4 min on a loaded 2-core CPU
     python bench/serve.py --models bench --requests 128 --threads 2 --device cuda
 
 The last line is one JSON object with every figure, the load average before and after, and the thread count.
@@ -53,8 +53,9 @@ from decode import SHAPES, build  # noqa: E402  (bench/decode.py: the same two m
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # (requests per mode, new tokens per request): the world model as bench/decode.py (128 tokens); the 25M model is
-# compute-bound on a CPU (~13 ms a step alone), so fewer, shorter requests keep its one-at-a-time run near 30 s.
-WORKLOAD = {"world": (128, 128), "bench": (64, 32)}
+# compute-bound on a CPU (~13 ms a step alone), so shorter requests keep its one-at-a-time run near a minute.
+# 4 rounds of 32: a finite closed loop ends with one partial batch (clients that fell one request behind).
+WORKLOAD = {"world": (128, 128), "bench": (128, 32)}
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 
@@ -141,9 +142,12 @@ def drive(url: str, requests: list[dict], clients: int) -> dict:
     requests: client c sends requests c, c + clients, ... one after another."""
     host, port = url.removeprefix("http://").split(":")
     latencies, tokens, failures = [], [], []
+    start = threading.Barrier(clients + 1)  # every client connected before the clock starts: they start together
 
     def client(mine: list[dict]) -> None:
         conn = http.client.HTTPConnection(host, int(port), timeout=600)
+        conn.connect()
+        start.wait()
         try:
             for body in mine:
                 t0 = time.perf_counter()
@@ -160,9 +164,10 @@ def drive(url: str, requests: list[dict], clients: int) -> dict:
             conn.close()
 
     threads = [threading.Thread(target=client, args=(requests[c::clients],)) for c in range(clients)]
-    t0 = time.perf_counter()
     for t in threads:
         t.start()
+    start.wait()
+    t0 = time.perf_counter()
     for t in threads:
         t.join()
     seconds = time.perf_counter() - t0

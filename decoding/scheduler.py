@@ -7,8 +7,8 @@ them in batches through `decoding.generate.decode_steps`, one batched forward pe
     await job.events.get()        # ("delta", row, text) while streaming, ("finish", row, reason), ("end", ..)
     job.cancel("disconnected")    # its rows stop at the next step
 
-Batching (micro-batches, research/ecosystem.md §8.2): the worker takes the oldest waiting job, waits up to
-`batch_wait_s` for as many rows as its previous batch had (`_collect`), and decodes every job that fits in
+Batching (micro-batches, research/ecosystem.md §8.2): the worker takes the oldest waiting job, waits for as many
+rows as the recent demand while requests keep arriving (`_collect`), and decodes every job that fits in
 `max_batch_size` rows together, whatever each row's personalization (decoding/personalization.py builds one
 rule per method present; strengths, weights, temperatures, top-p and seeds are per row). A job's rows are never
 split across batches. Requests that arrive while a batch runs wait for the next one; rows do not join a running
@@ -101,7 +101,7 @@ class Engine:
         self.stats = {"requests": 0, "batches": 0, "rows": 0, "max_batch_rows": 0, "last_batch_rows": 0,
                       "running_rows": 0, "completion_tokens": 0, "cancelled_rows": 0, "failed_batches": 0,
                       "rejected_full": 0}
-        self.expected_rows = 1  # demand seen during the previous batch: how many rows a new batch waits for
+        self.demand: collections.deque[int] = collections.deque(maxlen=4)  # rows seen during recent batches
         self.recent: collections.deque[int] = collections.deque(maxlen=16)  # rows of the last batches
         self.thread: threading.Thread | None = None
         self.stopping = False
@@ -147,27 +147,33 @@ class Engine:
                     self._decode(jobs)
 
     def _collect(self) -> list[Job] | None:
-        """Block for the oldest job, then wait up to batch_wait_s until as many rows wait as the demand seen during
-        the previous batch (`expected_rows`: its rows plus those that queued while it ran; at most
-        max_batch_size); pop every job that fits, oldest first.
+        """Block for the oldest job, then gather rows until as many wait as the recent demand (`demand`: per recent
+        batch, its rows plus those that queued while it ran; the largest of the last 4, at most max_batch_size),
+        or until batch_wait_s passes without a new arrival, or 10 x batch_wait_s in all; pop every job that fits,
+        oldest first.
 
         Why: clients in a closed loop (each sends its next request when its last one returns) come back together,
-        but spread over tens of ms on a loaded CPU. A fixed window of a few ms split 32 such clients into a full
-        batch and a batch of stragglers that then made the others wait (measured: batches of 32, 1, 32, 1 ...,
-        half the throughput), and waiting for the previous batch's size alone settled into 25 + 7. One client, or
-        sparse traffic: the target is 1 row, so no wait at all."""
+        but spread over ~100 ms on a loaded 2-core CPU (3-5 ms of HTTP parsing each). A fixed window of a few ms
+        split 32 such clients into a full batch and a batch of stragglers that then made the others wait
+        (measured: batches of 32, 1, 32, 1 ..., half the throughput). Waiting for the demand regroups them; the
+        quiet gap keeps the wait short when fewer come back; the largest of 4 keeps one small tail batch from
+        resetting the estimate. One client: the target is 1 row, no wait at all."""
         with self.cond:
             while not self.pending and not self.stopping:
                 self.cond.wait(0.5)
             if self.stopping:
                 return None
-            end = time.monotonic() + self.batch_wait_s
-            target = min(self.max_batch_size, max(1, self.expected_rows))
-            while sum(len(j.rows) for j in self.pending) < target and not self.stopping:
-                left = end - time.monotonic()
-                if left <= 0:
+            target = min(self.max_batch_size, max(self.demand, default=1))
+            waiting = lambda: sum(len(j.rows) for j in self.pending)  # noqa: E731
+            now = time.monotonic()
+            cap, arrived, seen = now + 10 * self.batch_wait_s, now, len(self.pending)
+            while waiting() < target and not self.stopping:
+                until = min(arrived + self.batch_wait_s, cap)
+                if time.monotonic() >= until:
                     break
-                self.cond.wait(left)
+                self.cond.wait(until - time.monotonic())
+                if len(self.pending) != seen:
+                    seen, arrived = len(self.pending), time.monotonic()
             jobs, rows = [], 0
             while self.pending and rows + len(self.pending[0].rows) <= self.max_batch_size:
                 job = self.pending.popleft()
@@ -218,7 +224,7 @@ class Engine:
         # settle the state before any client hears back (a client may send its next request at once)
         self.stats["running_rows"] = 0
         with self.cond:  # the demand seen during this batch: its rows and those that queued meanwhile
-            self.expected_rows = len(rows) + sum(len(j.rows) for j in self.pending)
+            self.demand.append(len(rows) + sum(len(j.rows) for j in self.pending))
         for job in jobs:
             job.emit(*outcome)
 

@@ -90,7 +90,7 @@ class ServeConfig:
     db: str = "runs/serve/users.sqlite"  # user profiles (SQLite, WAL); kept across restarts
     max_batch_size: int = 32  # rows (choices) decoded together; a request's prompts x n must fit
     max_queue: int = 256  # requests waiting for a batch; one more gets 429
-    batch_wait_ms: float = 100.0  # longest wait of a new batch for the demand seen during the last one
+    batch_wait_ms: float = 20.0  # a batch waiting for the recent demand starts after this long without arrivals
     request_timeout_s: float = 120.0  # from arrival to last token; past it: 408 (a stream ends with an error event)
     max_prompt_tokens: int = 1024  # per prompt, as the base or a guide reads it
     max_tokens: int = 512  # the largest max_tokens a request may ask for

@@ -209,7 +209,7 @@ def test_zero_strength_gives_the_tokens_of_the_prompt_the_method_reads(client, m
 def _concurrently(client, bodies: list[dict], server, wait_s: float = 2.0) -> list[dict]:
     """POST every body at once (threads); the batcher waits (up to wait_s) for all of them to share one batch."""
     server.engine.batch_wait_s, old = wait_s, server.engine.batch_wait_s
-    server.engine.expected_rows = len(bodies)
+    server.engine.demand.append(len(bodies))
     try:
         with ThreadPoolExecutor(len(bodies)) as pool:
             out = list(pool.map(lambda b: client.post("/v1/chat/completions", json=b), bodies))
