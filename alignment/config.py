@@ -375,7 +375,13 @@ def run_cli(schema: type[T], main: Callable[[T], Any], argv: list[str] | None = 
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    return main(cfg)
+    from alignment.runs import RunExistsError  # runs.py imports this module
+
+    try:
+        return main(cfg)
+    except RunExistsError as exc:  # `name=` of a finished or running run without resume=true: nothing was written
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -248,3 +248,27 @@ def test_run_cli_error_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
     ok = subprocess.run([sys.executable, "-c", script, "seed=1"], cwd=tmp_path, capture_output=True, text=True)
     assert ok.returncode == 0 and (tmp_path / "runs" / "tiny").is_dir()  # the same script does write when valid
+
+
+def test_run_cli_existing_run_name_exits_2_with_one_line(tmp_path):
+    script = textwrap.dedent(
+        """
+        from dataclasses import dataclass
+        from alignment.config import run_cli
+        from alignment.runs import Run
+
+        @dataclass
+        class Tiny:
+            seed: int = 0
+            name: str = "taken"
+            resume: bool = False
+
+        run_cli(Tiny, lambda cfg: Run.start(cfg, "tiny", runs_dir="runs", name=cfg.name, resume=cfg.resume))
+        """
+    )
+    first = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    lines = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "already exists" in lines[0] and "resume=true" in lines[0]
