@@ -12,8 +12,13 @@ timings stand, but the scores themselves mean nothing. Pass --relevance-model/--
 
     python bench/apc_score.py                                  # |S| = 100, N = 4, CPU, 2 threads
     python bench/apc_score.py --arch llama --repeats 5
+    python bench/apc_score.py --discriminators runs/cache/apc-discriminators-<hash>/run   # the pipeline's own
     python bench/apc_score.py --relevance-model DIR --nli-model DIR \
         --relevance-labels no,yes --nli-labels contradicted,neutral,entailed   # e.g. the released APC DeBERTas
+
+With --discriminators, the scorer is the one APC-DPO uses (`rewards.discriminators.load_scorer`, reward set, world
+input format) and the inputs come from that run's world: the holdout character with the most statements, one of its
+queries, and N responses rendered by the world's sampler.
 
 Ends with one JSON line of its figures.
 
@@ -29,6 +34,7 @@ import json
 import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -112,6 +118,26 @@ def official_loop(scorer: APCScorer, statements: list[str], query: str, response
     return torch.stack(totals)
 
 
+def world_persona(discriminators: str, n_responses: int, seed: int = 0) -> tuple[list[str], str, list[str], str]:
+    """Statements, a query, responses and the character's name from the world a discriminators run trained on."""
+    import numpy as np
+
+    from alignment import language as lang
+    from alignment import people
+    from alignment.world import load_world
+
+    world = load_world(json.loads((Path(discriminators) / "results.json").read_text())["world"])
+    character = max((c for c in world["characters"] if c["split"] == "holdout"), key=lambda c: len(c["statements"]))
+    query = next(q for q in world["queries"] if q["character_id"] == character["character_id"] and q["slot"])
+    facts = [(s["slot"], s["value"]) for s in character["statements"]]
+    rng = np.random.default_rng(seed)
+    responses = []
+    for _ in range(n_responses):
+        fact, neutral = people.sample_content(rng, facts, query["slot"], (0.5, 0.2, 0.2, 0.1))
+        responses.append(lang.render_response(fact, neutral, people.sample_style(rng)))
+    return [s["text"] for s in character["statements"]], query["text"], responses, character["name"]
+
+
 def batched(scorer: APCScorer, statements: list[str], query: str, responses: list[str]) -> torch.Tensor:
     scorer.clear_cache()  # time the full work for a new query, not a cache hit
     return scorer.score(statements, query, responses, character=CHARACTER).v_apc
@@ -157,6 +183,8 @@ def main() -> dict:
     parser.add_argument("--arch", choices=["bert", "llama"], default="bert")
     parser.add_argument("--format", choices=list(FORMATS), default="apc",
                         help="apc: the paper's templates (~65-120 tokens); pair: (statement, query + response)")
+    parser.add_argument("--discriminators", help="a discriminators run directory (rewards.train): its reward set, "
+                        "world format and world data; --statements is then the character's own count")
     parser.add_argument("--relevance-model", help="directory of a real relevance classifier")
     parser.add_argument("--nli-model", help="directory of a real NLI classifier")
     parser.add_argument("--relevance-labels", help="comma-separated label per output, for LABEL_0-style heads")
@@ -167,7 +195,15 @@ def main() -> dict:
     torch.set_num_threads(args.threads)
 
     statements, query, responses = synthetic_persona(args.statements, args.responses)
-    if args.relevance_model and args.nli_model:
+    if args.discriminators:
+        from rewards.discriminators import load_scorer
+
+        statements, query, responses, _ = world_persona(args.discriminators, args.responses)  # no name in the format
+        args.statements, args.format = len(statements), "world"
+        scorer = load_scorer(args.discriminators, "reward", batch_size=args.batch_size, device=args.device)
+        rel, nli = scorer.relevance.model, scorer.nli.model
+        model_name = f"{args.discriminators} (reward set)"
+    elif args.relevance_model and args.nli_model:
         rel, rel_tok = load_classifier(args.relevance_model, args.device)
         nli, nli_tok = load_classifier(args.nli_model, args.device)
         model_name = f"{args.relevance_model} + {args.nli_model}"
@@ -177,9 +213,11 @@ def main() -> dict:
         rel = random_classifier(args.arch, len(rel_tok), ["no", "yes"], 0).to(args.device)
         nli = random_classifier(args.arch, len(rel_tok), ["contradicted", "neutral", "entailed"], 1).to(args.device)
         model_name = f"{args.arch} 4 layers x 256, random weights"
-    labels = [x.split(",") if x else None for x in (args.relevance_labels, args.nli_labels)]
-    scorer = APCScorer(rel, rel_tok, nli, nli_tok, batch_size=args.batch_size, relevance_labels=labels[0],
-                       nli_labels=labels[1], relevance_text=FORMATS[args.format][0], nli_text=FORMATS[args.format][1])
+    if not args.discriminators:
+        labels = [x.split(",") if x else None for x in (args.relevance_labels, args.nli_labels)]
+        scorer = APCScorer(rel, rel_tok, nli, nli_tok, batch_size=args.batch_size, relevance_labels=labels[0],
+                           nli_labels=labels[1], relevance_text=FORMATS[args.format][0],
+                           nli_text=FORMATS[args.format][1])
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     fns = {"batched": lambda: batched(scorer, statements, query, responses),
