@@ -157,7 +157,8 @@ def main(cfg: SFTConfig) -> Path:
     print(f"sft: {cfg.steps} steps in {train_seconds:.0f}s; held-out samples at T=1: {quality['valid']:.1%} valid, "
           f"{quality['answered']:.1%} answer the asked slot, {quality['contradicted']:.1%} contradict, "
           f"{quality['profiles']} profiles (largest {quality['top_profile_share']:.1%})")
-    run.finish({"oracle": quality, "policy": str(final_model(run.dir))})
+    # Relative to the run directory: cached runs are built in a temporary directory and renamed.
+    run.finish({"oracle": quality, "policy": str(final_model(run.dir).relative_to(run.dir))})
     return run.dir
 
 
