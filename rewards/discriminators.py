@@ -18,11 +18,13 @@ language and can match a value in the response against the one in the statement.
 language model is its SFT policy (`alignment/sft.py`, trained from scratch on world dialogues with the world
 tokenizer): it has learned to copy a statement's value into its answer, which is exactly the comparison NLI needs.
 By default (`init=policy`) both classifiers start from it with a new classification head. Measured on holdout
-characters (batch 64): from the policy, relevance recall no/yes 0.97/0.997 after 300 steps and NLI
-contradicted/neutral/entailed 0.90/0.89/0.89 after 1500 (lr 2e-3); from random weights (`init=model`, 128-wide, 2
-layers) relevance 0.78/0.94 after 900 steps and NLI 0.04/0.59/0.89 after 500 (it never tells a contradiction from
-an entailment). What remains hard is comparing the value words of single-valued slots ("i live in lyon ." against
-"i live in rome ."): 15-19% of those entailed/contradicted cases are misread after 1500 steps.
+characters (batch 64): from the policy, relevance recall no/yes >= 0.92 after 300 steps in every run (0.96/0.997,
+0.967/0.993, 0.923/0.990); NLI contradicted/neutral/entailed after 1500 steps at lr 2e-3 anywhere between
+0.90/0.89/0.89 (one run) and 0.33/0.97/0.65 (seed-0 main job): NLI is under-trained at this budget (training loss
+still 0.3-0.6), below the 0.9 target. From random weights (`init=model`, 128-wide, 2 layers) relevance reaches
+0.78/0.94 after 900 steps and NLI 0.04/0.59/0.89 after 500 (it never tells a contradiction from an entailment).
+What stays hard is comparing the value words of single-valued slots ("i live in lyon ." against "i live in
+rome .", 15-30% misread) and the item of an opinion.
 
 Differences from the paper:
   - two sets on disjoint characters: `reward/` is trained on the characters with split == "reward" and is what
@@ -88,7 +90,7 @@ class DiscriminatorConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(  # init=model: preset or pretrained encoder
         preset="llama", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_positions=128))
     relevance_steps: int = 300
-    nli_steps: int = 1500  # measured from the policy: min recall 0.83 at 600 steps, 0.89 at 1500
+    nli_steps: int = 1500  # from the policy: min recall 0.33-0.89 at 1500 steps (under-trained; see above)
     batch_size: int = 64
     lr: float = 2e-3  # peak; linear warmup then cosine decay (pretrained encoders: ~5e-5)
     warmup: int = 30
