@@ -385,6 +385,58 @@ def run_cli(schema: type[T], main: Callable[[T], Any], argv: list[str] | None = 
 
 
 # --------------------------------------------------------------------------------------------------
+# Entry points with several kinds (rewards.train, alignment.evaluate)
+
+
+def read_kind(argv: list[str]) -> str | None:
+    """The `kind` of an invocation: the last `kind=` argument, else the `kind` key of the `config=` YAML."""
+    given = [arg.partition("=")[2] for arg in argv if arg.startswith("kind=")]
+    if given:
+        return given[-1]
+    configs = [arg.partition("=")[2] for arg in argv if arg.startswith("config=")]
+    if not configs:
+        return None
+    path = find_config_file(configs[-1])
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path}: {str(exc).splitlines()[0]}") from None
+    return loaded.get("kind") if isinstance(loaded, dict) else None
+
+
+def kind_error(kind: str | None, kinds: dict[str, str]) -> str:
+    """One line: what is wrong with `kind`, the valid kinds and the closest one."""
+    valid = ", ".join(kinds)
+    if kind is None:
+        return f"kind: missing; set it in the YAML or pass kind=<one of {valid}>"
+    close = difflib.get_close_matches(str(kind), list(kinds), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"kind: unknown kind {kind!r} (valid kinds: {valid}){hint}"
+
+
+def run_kind(kinds: dict[str, str], argv: list[str] | None, usage: str, default: str | None = None) -> Any:
+    """Dispatch an entry point on `kind`: import the module `kinds[kind]` names and run its `Config` and `main`
+    through `run_cli` with the whole command line. `default` is the kind when none is given."""
+    import importlib
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        kind = read_kind(argv) or default
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if kind is None and any(arg in HELP_FLAGS for arg in argv):
+        print(f"usage: {usage}\n\nkinds (the config's `kind` key; add it to `help` for that kind's fields):\n"
+              + "\n".join(f"  {k:<20} {m}" for k, m in kinds.items()))
+        raise SystemExit(0)
+    if kind not in kinds:
+        print(f"error: {kind_error(kind, kinds)}", file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(kinds[kind])
+    return run_cli(module.Config, module.main, argv)
+
+
+# --------------------------------------------------------------------------------------------------
 # Saving and hashing
 
 

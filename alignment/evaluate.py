@@ -1,6 +1,9 @@
 """Evaluation: the functions every training entry point ends with, and an entry point to run them on any checkpoint.
 
-    python -m alignment.evaluate config=apc_eval.yaml policy=runs/dpo-<...>/ckpt/step_000040/model
+    python -m alignment.evaluate policy=runs/dpo-<...>/ckpt/step_000040/model dpo=runs/dpo-<...>   # kind=apc
+    python -m alignment.evaluate kind=rm run=runs/persona_rm-<...> 'eval.ks=[0,4,16]'            # alignment/eval_rm.py
+
+The entry point dispatches on `kind` (alignment.config.run_kind; apc when none is given) to one module per kind.
 
 APC (role-play faithfulness): ΔAPC of each prompt condition (APC paper Table 1: Vanilla, LCM, RAG, RAG+APC-DPO)
 scored by the evaluator discriminators and by the world's oracle, with 95% bootstrap intervals over queries and
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -63,6 +67,7 @@ def format_apc_table(results: dict) -> str:
 
 @dataclass
 class EvaluateConfig:
+    kind: Literal["apc"] = "apc"  # apc: this module; rm: alignment/eval_rm.py
     seed: int = 0
     name: str | None = None  # run name; default eval-<timestamp>
     runs_dir: str = "runs"
@@ -96,7 +101,11 @@ def main(cfg: EvaluateConfig) -> Path:
     return run.dir
 
 
-if __name__ == "__main__":
-    from alignment.config import run_cli
+Config = EvaluateConfig  # the name `run_kind` dispatches to
+KINDS = {"apc": "alignment.evaluate", "rm": "alignment.eval_rm"}
 
-    run_cli(EvaluateConfig, main)
+if __name__ == "__main__":
+    from alignment.config import run_kind
+
+    run_kind(KINDS, None, "python -m alignment.evaluate [kind=apc|rm] [config=FILE.yaml] [key=value ...]",
+             default="apc")

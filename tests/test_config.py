@@ -272,3 +272,21 @@ def test_run_cli_existing_run_name_exits_2_with_one_line(tmp_path):
     assert again.returncode == 2 and "Traceback" not in again.stderr
     lines = [line for line in again.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "already exists" in lines[0] and "resume=true" in lines[0]
+
+
+@pytest.mark.parametrize("entry, argv, schema", [
+    ("alignment.evaluate", ["kind=rm", "help"], "EvalRMConfig"),
+    ("alignment.evaluate", ["help"], "EvaluateConfig"),  # apc when no kind is given
+    ("rewards.train", ["config=persona_rm_controversial.yaml", "help"], "PersonaRMConfig"),
+    ("rewards.train", ["config=guides.yaml", "help"], "GuidesConfig"),
+])
+def test_entry_points_dispatch_on_kind(entry, argv, schema):
+    result = subprocess.run([sys.executable, "-m", entry, *argv], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"{schema} fields" in result.stdout
+
+
+def test_unknown_kind_of_evaluate_is_one_line_exit_2():
+    result = subprocess.run([sys.executable, "-m", "alignment.evaluate", "kind=rms"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["error: kind: unknown kind 'rms' (valid kinds: apc, rm); did you mean 'rm'?"]
