@@ -96,6 +96,7 @@ class DiscriminatorConfig:
     warmup: int = 30
     train_examples: int = 4000  # per class and classifier, drawn from the set's characters
     eval_examples: int = 300  # per class and classifier, drawn from the holdout characters
+    natural_responses: int = 100  # holdout responses whose every (statement, response) pair the NLI also scores
     max_length: int = 128  # tokens; world inputs are <= ~75
     log_every: int = 25
 
@@ -191,6 +192,46 @@ def nli_triple(character: dict, queries: dict, rng) -> list[tuple[tuple, int]]:
         label = lang.nli_label((s["slot"], s["value"]), lang.parse_response(response).fact)
         out.append(((character["name"], s["text"], query, response), NLI_LABELS.index(label)))
     return out
+
+
+def natural_nli_examples(world: dict, split: str, responses: int, seed: int) -> list[list[tuple[tuple, int]]]:
+    """The NLI inputs APC actually scores: for each of `responses` world responses to a character's query (content
+    drawn with the world's SFT content mix, so mostly answers), one example per statement of the character, labelled
+    by the oracle. Grouped by response; nearly all are neutral, which is the case ΔAPC's passive penalty sums."""
+    import numpy as np
+
+    from alignment import language as lang
+    from alignment import people
+
+    characters = [c for c in world["characters"] if c["split"] == split]
+    rng, queries = np.random.default_rng(seed), queries_by_slot(world)
+    groups = []
+    for _ in range(responses):
+        c = characters[rng.integers(len(characters))]
+        asked = queries[c["character_id"]]
+        slot = list(asked)[rng.integers(len(asked))]
+        query = asked[slot][rng.integers(len(asked[slot]))]
+        fact, neutral = people.sample_content(rng, [(s["slot"], s["value"]) for s in c["statements"]], slot,
+                                              (0.8, 0.08, 0.04, 0.08))
+        response = lang.render_response(fact, neutral, people.sample_style(rng))
+        groups.append([((c["name"], s["text"], query, response),
+                        NLI_LABELS.index(lang.nli_label((s["slot"], s["value"]), fact))) for s in c["statements"]])
+    return groups
+
+
+def natural_nli_metrics(model, tokenizer, groups: list[list[tuple[tuple, int]]], max_length: int) -> dict:
+    """Recall per class on `natural_nli_examples`, and the mean number of statements per response that are neutral
+    but read as contradicted (each one costs ΔAPC up to 1 in the passive penalty)."""
+    texts = [world_nli_text(*args) for group in groups for args, _ in group]
+    labels = [y for group in groups for _, y in group]
+    from rewards.apc import Discriminator
+
+    disc = Discriminator(model, tokenizer, NLI_LABELS, "eval", batch_size=256, max_length=max_length)
+    predicted = disc.probs(disc.encode(texts, truncate=True)).argmax(-1).tolist()
+    metrics = recall_metrics(predicted, labels, NLI_LABELS)
+    neutral, contradicted = NLI_LABELS.index("neutral"), NLI_LABELS.index("contradicted")
+    phantom = sum(y == neutral and p == contradicted for y, p in zip(labels, predicted, strict=True))
+    return {**metrics, "responses": len(groups), "phantom_contradictions_per_response": phantom / len(groups)}
 
 
 EXAMPLES = {"relevance": relevance_pair, "nli": nli_triple}  # each draw holds one example of every label
@@ -310,6 +351,7 @@ def main(cfg: DiscriminatorConfig) -> Path:
             for i, (split, what) in enumerate((s, w) for s in SETS for w in CLASSIFIERS)}
     holdout = {what: make_examples(world, "holdout", what, cfg.eval_examples, cfg.seed + 100 + i)
                for i, what in enumerate(CLASSIFIERS)}
+    natural = natural_nli_examples(world, "holdout", cfg.natural_responses, cfg.seed + 200)
 
     # --- train and evaluate the four classifiers
     results: dict = {}
@@ -330,8 +372,11 @@ def main(cfg: DiscriminatorConfig) -> Path:
             # Holdout characters share the grammar's sentences: report how many inputs were seen verbatim.
             seen = set(texts)
             metrics["seen_in_training"] = sum(fmt(*args) in seen for args, _ in test) / len(test)
+            if what == "nli":  # the distribution APC scores: all statements against one response, mostly neutral
+                metrics["natural"] = natural_nli_metrics(model, tokenizer, natural, cfg.max_length)
             results.setdefault(split, {})[what] = {**metrics, **timing, "path": str(out)}
-            run.log(steps[what], **{f"{split}/{what}/eval/{k}": v for k, v in metrics.items() if k != "recall"},
+            run.log(steps[what], **{f"{split}/{what}/eval/{k}": v for k, v in metrics.items()
+                                    if k not in ("recall", "natural")},
                     **{f"{split}/{what}/eval/recall_{k}": v for k, v in metrics["recall"].items()})
             print(summary_line(f"{split}/{what}", results[split][what]))
 
@@ -351,6 +396,12 @@ def main(cfg: DiscriminatorConfig) -> Path:
 
 def summary_line(name: str, r: dict) -> str:
     recall = ", ".join(f"{k} {v:.3f}" for k, v in r["recall"].items())
+    if "natural" in r:
+        n = r["natural"]
+        recall += (f"; all statements x {n['responses']} responses: recall "
+                   + ", ".join(f"{k} {v:.3f}" for k, v in n["recall"].items())
+                   + f", {n['phantom_contradictions_per_response']:.1f} neutral statements read as contradicted per "
+                     "response")
     timing = (f"; {r['steps']} steps in {r['train_seconds']:.1f}s ({r['steps_per_second']:.0f}/s)"
               if "steps" in r else "; loaded from the resumed run")
     return (f"{name}: holdout accuracy {r['accuracy']:.3f}, recall {recall} ({r['examples']} examples, "

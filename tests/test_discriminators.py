@@ -100,6 +100,24 @@ def test_nli_examples_are_balanced_and_contradict_with_the_same_slot(world):
     assert same_template_neutral > 10  # "rain is something i like ." against "maps is something i like ."
 
 
+def test_natural_nli_examples_are_every_statement_against_one_response_labelled_by_the_oracle(world):
+    from rewards.discriminators import natural_nli_examples
+
+    groups = natural_nli_examples(world, "holdout", 40, seed=3)
+    names = {c["name"]: c for c in world["characters"] if c["split"] == "holdout"}
+    asserts = {s["text"]: (s["slot"], s["value"]) for c in world["characters"] for s in c["statements"]}
+    labels = Counter()
+    for group in groups:
+        (name, _, query, response), _ = group[0]
+        assert name in names and all(args[2:] == (query, response) for args, _ in group)  # one response per group
+        fact = lang.parse_response(response).fact
+        for (_, statement, _, _), y in group:
+            assert lang.NLI_LABELS[y] == lang.nli_label(asserts[statement], fact)
+            labels[lang.NLI_LABELS[y]] += 1
+    assert labels["neutral"] > 10 * (labels["entailed"] + labels["contradicted"])  # APC's case: mostly neutral
+    assert labels["entailed"] > 0
+
+
 def test_examples_come_only_from_the_split_characters(world):
     names = {c["name"] for c in world["characters"] if c["split"] == "holdout"}
     for what in CLASSIFIERS:
@@ -179,6 +197,8 @@ def test_smoke_run_writes_both_sets_and_holdout_recall(smoke_run):
             r = results[split][what]
             assert set(r["recall"]) == set(names) and all(0.0 <= v <= 1.0 for v in r["recall"].values())
             assert r["examples"] == 10 * len(names) and r["steps"] == 4
+        natural = results[split]["nli"]["natural"]
+        assert natural["responses"] == 100 and natural["phantom_contradictions_per_response"] >= 0.0
     assert {"min_recall", "meets_target", "train_seconds", "load_average"} <= set(results)
     assert (smoke_run / "DONE").is_file()
 
