@@ -35,6 +35,10 @@ Differences from the paper:
     statement's slot with another value (contradicted) or another slot in the same template (neutral) for NLI;
   - both classifiers of each set are measured on class-balanced examples from split == "holdout" characters,
     never trained on: recall per class and accuracy in results.json (target: recall >= 0.9 for every class);
+    the NLI also on the distribution APC scores (`natural`: every holdout statement against one response, mostly
+    neutral), with the count of neutral statements read as contradicted per response, each a phantom passive
+    penalty. Balanced recall of 0.9 is not enough for a useful reward: at 0.58 natural neutral recall (seed-1
+    main job) ~8 statements per response were phantom contradictions and the reward ranked pairs at chance;
   - inputs are one string in the world's chat markup (`world_relevance_text`, `world_nli_text`), the same
     functions at training and at scoring time (`load_scorer`), not the paper's English template.
 
