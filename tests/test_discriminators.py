@@ -52,7 +52,7 @@ def world(world_dir):
 def smoke_config(world_dir, runs_dir, **overrides) -> DiscriminatorConfig:
     return replace(DiscriminatorConfig(data=str(world_dir), runs_dir=str(runs_dir), init="model", model=TINY,
                                        relevance_steps=4, nli_steps=4, batch_size=8, train_examples=40,
-                                       eval_examples=10, warmup=1, log_every=2), **overrides)
+                                       eval_examples=10, natural_responses=10, warmup=1, log_every=2), **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def smoke_run(world_dir, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     argv = ["kind=apc_discriminators", f"data={world_dir}", f"runs_dir={runs}", "name=smoke", "init=model",
             "relevance_steps=4", "nli_steps=4", "batch_size=8", "train_examples=40", "eval_examples=10", "warmup=1",
-            "log_every=2",
+            "log_every=2", "natural_responses=10",
             *[f"model.{k}={v}" for k, v in vars(TINY).items() if k not in ("name_or_path", "lora")]]
     return train.main(argv)
 
@@ -198,7 +198,7 @@ def test_smoke_run_writes_both_sets_and_holdout_recall(smoke_run):
             assert set(r["recall"]) == set(names) and all(0.0 <= v <= 1.0 for v in r["recall"].values())
             assert r["examples"] == 10 * len(names) and r["steps"] == 4
         natural = results[split]["nli"]["natural"]
-        assert natural["responses"] == 100 and natural["phantom_contradictions_per_response"] >= 0.0
+        assert natural["responses"] == 10 and natural["phantom_contradictions_per_response"] >= 0.0
     assert {"min_recall", "meets_target", "train_seconds", "load_average"} <= set(results)
     assert (smoke_run / "DONE").is_file()
 
