@@ -79,13 +79,12 @@ def prerequisites(cfg: DPOConfig) -> tuple[Path, Path, Path]:
     """(world dir, policy dir, discriminators dir), building and caching whatever is missing."""
     from dataclasses import replace
 
-    from alignment.sft import policy_artifact
+    from alignment.sft import starting_policy
     from alignment.world import world_artifact
     from rewards.discriminators import discriminators_artifact
 
     world = world_artifact(cfg.world, cfg.runs_dir)
-    policy = Path(cfg.policy) if cfg.policy else policy_artifact(replace(cfg.sft, world=cfg.world,
-                                                                          runs_dir=cfg.runs_dir))
+    policy = starting_policy(cfg.policy, cfg.sft, cfg.world, cfg.runs_dir)
     discs = Path(cfg.discriminators) if cfg.discriminators else discriminators_artifact(  # from the same policy
         replace(cfg.disc, world=cfg.world, runs_dir=cfg.runs_dir, policy=cfg.disc.policy or str(policy)))
     return world, policy, discs

@@ -98,7 +98,7 @@ class FSPOConfig:
 # --- setup: prerequisites and data ------------------------------------------------------------------------------
 def prerequisites(cfg: FSPOConfig) -> tuple[Path | None, Path]:
     """(world dir or None for adapter data, starting policy dir), building and caching whatever is missing."""
-    from alignment.sft import policy_artifact
+    from alignment.sft import starting_policy
     from alignment.world import world_artifact
 
     if cfg.data is not None:
@@ -106,11 +106,7 @@ def prerequisites(cfg: FSPOConfig) -> tuple[Path | None, Path]:
             raise ValueError("policy: adapter data needs a policy (an HF causal LM directory or hub id)")
         return None, Path(cfg.policy)
     world = Path(cfg.world_dir) if cfg.world_dir else world_artifact(cfg.world, cfg.runs_dir)
-    if cfg.policy:
-        return world, Path(cfg.policy)
-    # The same key as every other stage's default SFT policy (alignment/dpo.py), so it is trained once.
-    sft = replace(cfg.sft, world=cfg.world, runs_dir=cfg.runs_dir, data=cfg.world_dir or cfg.sft.data)
-    return world, policy_artifact(sft)
+    return world, starting_policy(cfg.policy, cfg.sft, cfg.world, cfg.runs_dir, data=cfg.world_dir)
 
 
 @dataclass

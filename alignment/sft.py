@@ -175,6 +175,16 @@ def policy_artifact(cfg: SFTConfig) -> Path:
     return final_model(artifact / "run")
 
 
+def starting_policy(policy: str | None, sft: SFTConfig, world: WorldSpec, runs_dir: str,
+                    data: str | None = None) -> Path:
+    """The policy a stage starts from: `policy` when given, else the SFT policy of `world` (or of the world directory
+    `data`) trained by `sft`, built once and cached. Every stage resolves its default here, so they share one cache
+    key and the SFT policy is trained once for all of them."""
+    if policy:
+        return Path(policy)
+    return policy_artifact(replace(sft, world=world, data=data or sft.data, runs_dir=runs_dir))
+
+
 def final_model(run_dir: Path) -> Path:
     """The HF model directory of a finished training run's last checkpoint."""
     return Path(run_dir) / "ckpt" / (Path(run_dir) / "ckpt" / "latest").read_text().strip() / "model"

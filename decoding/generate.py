@@ -430,7 +430,7 @@ def main(cfg: DecodeConfig) -> Path:
     import time
 
     from alignment.runs import Run, seed_everything
-    from alignment.sft import policy_artifact
+    from alignment.sft import starting_policy
     from alignment.world import load_world, world_artifact
     from rewards.guides import guides_artifact
 
@@ -439,8 +439,7 @@ def main(cfg: DecodeConfig) -> Path:
     seed_everything(cfg.seed)
     world = load_world(world_artifact(cfg.world, cfg.runs_dir))
     guides_cfg = replace(cfg.guides, world=cfg.world, runs_dir=cfg.runs_dir)
-    policy = Path(cfg.policy) if cfg.policy else policy_artifact(replace(guides_cfg.sft, world=cfg.world,
-                                                                         runs_dir=cfg.runs_dir))
+    policy = starting_policy(cfg.policy, guides_cfg.sft, cfg.world, cfg.runs_dir)
     guides_dir = Path(cfg.guides_dir) if cfg.guides_dir else guides_artifact(guides_cfg)
     run.add_meta("inputs", {"world": str(world["path"]), "policy": str(policy), "guides": str(guides_dir)})
     d = load_decoders(cfg, guides_dir, policy)

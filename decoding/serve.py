@@ -115,20 +115,19 @@ class Server:
 
 def load_server(cfg: ServeConfig) -> Server:
     """Tokenizer, base model and whichever guides `guides_dir` holds; the batcher; the profile store."""
-    from dataclasses import replace
 
     import torch
 
     from alignment.config import ModelConfig
     from alignment.models import load_causal_lm, load_sequence_classifier, load_tokenizer
-    from alignment.sft import policy_artifact
+    from alignment.sft import starting_policy
     from decoding.personalization import Guidance
     from decoding.profiles import Profiles
     from decoding.scheduler import Engine
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    policy = cfg.policy or str(policy_artifact(replace(cfg.sft, runs_dir=cfg.runs_dir)))
+    policy = str(starting_policy(cfg.policy, cfg.sft, cfg.sft.world, cfg.runs_dir))
     tokenizer = load_tokenizer(policy)
     model_cfg = lambda path: ModelConfig(name_or_path=str(path), dtype=cfg.dtype, device=cfg.device)
     base = load_causal_lm(model_cfg(policy), tokenizer)

@@ -315,10 +315,10 @@ def start_model(cfg: DiscriminatorConfig) -> ModelConfig:
     as `alignment.dpo` does, if `policy` is unset) or `cfg.model`."""
     if cfg.init == "model":
         return cfg.model
-    from alignment.sft import policy_artifact
+    from alignment.sft import starting_policy
 
-    sft = replace(cfg.sft, world=cfg.world, data=cfg.data, runs_dir=cfg.runs_dir)
-    return replace(cfg.model, name_or_path=cfg.policy or str(policy_artifact(sft)), preset=None)
+    policy = starting_policy(cfg.policy, cfg.sft, cfg.world, cfg.runs_dir, data=cfg.data)
+    return replace(cfg.model, name_or_path=str(policy), preset=None)
 
 
 def load_or_build(model: ModelConfig, tokenizer, names: tuple[str, ...], saved: Path):

@@ -288,7 +288,7 @@ def main(cfg: GuidesConfig) -> Path:
 
     from alignment.models import load_tokenizer, save_model
     from alignment.runs import Run, seed_everything
-    from alignment.sft import policy_artifact
+    from alignment.sft import starting_policy
     from alignment.world import load_world, world_artifact
 
     unknown = sorted(set(cfg.train) - set(TRAINERS))
@@ -298,8 +298,7 @@ def main(cfg: GuidesConfig) -> Path:
     run = Run.start(cfg, "guides", runs_dir=cfg.runs_dir, name=cfg.name, resume=cfg.resume)
     seed_everything(cfg.seed)
     world = load_world(cfg.data or world_artifact(cfg.world, cfg.runs_dir))
-    policy = Path(cfg.policy) if cfg.policy else policy_artifact(replace(cfg.sft, world=cfg.world, data=cfg.data,
-                                                                         runs_dir=cfg.runs_dir))
+    policy = starting_policy(cfg.policy, cfg.sft, cfg.world, cfg.runs_dir, data=cfg.data)
     run.add_meta("inputs", {"world": str(world["path"]), "policy": str(policy)})
     tokenizer = load_tokenizer(policy)
 
@@ -325,13 +324,12 @@ def guides_artifact(cfg: GuidesConfig) -> Path:
     """The guides for a config, trained once and cached under runs/cache/guides-<hash>/run (the training run itself);
     run fields (name, resume, runs_dir) do not enter the key."""
     from alignment.cache import cached_artifact
-    from alignment.sft import policy_artifact
+    from alignment.sft import starting_policy
     from alignment.world import world_artifact
 
     # Inputs resolve against the caller's runs_dir before the build, which runs inside the cache directory.
     world = cfg.data or str(world_artifact(cfg.world, cfg.runs_dir))
-    sft = replace(cfg.sft, world=cfg.world, data=cfg.data, runs_dir=cfg.runs_dir)
-    policy = cfg.policy or str(policy_artifact(sft))
+    policy = str(starting_policy(cfg.policy, cfg.sft, cfg.world, cfg.runs_dir, data=cfg.data))
     key = replace(cfg, name=None, resume=False, runs_dir="")
     build = lambda out: main(replace(cfg, data=world, policy=policy, runs_dir=str(out), name="run", resume=False))
     return cached_artifact("guides", key, build, runs_dir=cfg.runs_dir) / "run"
