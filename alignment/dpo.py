@@ -3,6 +3,7 @@
     python -m alignment.dpo config=apc.yaml                      # the main job (see the runtime note below)
     python -m alignment.dpo config=apc.yaml loss=apc_weighted    # the paper's per-statement loss (eq. 9)
     python -m alignment.dpo config=apc.yaml policy=<hf policy> discriminators=<dir>   # real models
+    python -m alignment.dpo config=apc.yaml reward=oracle        # pairs ranked by the world's true ΔAPC: the ceiling
 
 Pipeline (Peng & Shang, "Quantifying and Optimizing Global Faithfulness in Persona-driven Role-playing",
 NeurIPS 2024; research/apc_fspo.md §1.4, §3.2):
@@ -56,8 +57,11 @@ class DPOConfig:
     policy: str | None = None  # HF directory (or hub id) of the starting policy; default: the cached SFT policy
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)  # used when `discriminators` is unset
     discriminators: str | None = None  # directory with reward/ and evaluator/ discriminator sets
+    # What scores the sampled responses: the reward discriminators (APC-DPO), or the world's true ΔAPC (oracle:
+    # the ceiling any discriminators can reach; RAG prompts and evaluation still use the discriminators).
+    reward: Literal["discriminators", "oracle"] = "discriminators"
     characters: str = "holdout"  # character split whose queries are trained on (train split) and evaluated (test)
-    train_queries: int = 384
+    train_queries: int = 1000  # the default world has 1090 train-split queries of holdout characters
     rag_k: int = 4
     samples: int = 4  # N responses per training query
     temperature: float = 1.0
@@ -111,8 +115,9 @@ def select_queries(world: dict, characters: str, split: str, n: int, seed: int, 
 
 
 # --- pairs ------------------------------------------------------------------------------------------------------
-def build_pairs(cfg: DPOConfig, world: dict, policy, tokenizer, scorer) -> list[dict]:
-    """Sample N responses per training query, score them with APC, keep best-vs-worst above the margin."""
+def build_pairs(cfg: DPOConfig, world: dict, policy, tokenizer, scorer, judge) -> list[dict]:
+    """Sample N responses per training query (RAG prompts by `scorer`'s relevance), score them with `judge`'s APC,
+    keep best-vs-worst above the margin."""
     from alignment.losses import apc_pair_weights
     from alignment.sampling import sample_responses
 
@@ -125,7 +130,7 @@ def build_pairs(cfg: DPOConfig, world: dict, policy, tokenizer, scorer) -> list[
         unique = list(dict.fromkeys(responses))  # identical samples carry no preference
         if len(unique) < 2:
             continue
-        s = scorer.score([st["text"] for st in c["statements"]], q["text"], unique, c["name"])
+        s = judge.score([st["text"] for st in c["statements"]], q["text"], unique, c["name"])
         best, worst = int(s.delta.argmax()), int(s.delta.argmin())
         if s.delta[best] - s.delta[worst] <= cfg.margin:
             continue
@@ -230,7 +235,10 @@ def main(cfg: DPOConfig) -> Path:
     from alignment.losses import LENGTH_AVERAGED
 
     if not run.path("pairs.jsonl").exists():
-        pairs = build_pairs(cfg, world, base, tokenizer, reward_scorer)
+        from alignment.oracle import OracleAPCScorer
+
+        judge = OracleAPCScorer() if cfg.reward == "oracle" else reward_scorer
+        pairs = build_pairs(cfg, world, base, tokenizer, reward_scorer, judge)
         if not pairs:
             raise RuntimeError("no training pair cleared the margin; lower `margin` or raise `samples`")
         write_jsonl(run.path("pairs.jsonl"), [PreferencePair(**p) for p in pairs])

@@ -252,6 +252,25 @@ def parse_response(text: str) -> Parse | None:
     return Parse(fact=_CONTENT[body[0]], style=style, n_clauses=len(clauses))
 
 
+def parse_statement(text: str) -> tuple[str, str]:
+    """The (slot, value) a persona statement asserts ('i live in lyon .' -> ('city', 'lyon')); ValueError if the
+    text is not a world statement."""
+    fact = _CONTENT.get(text[:-2]) if text.endswith(" .") else None
+    if fact is None:
+        raise ValueError(f"not a world persona statement: {text!r}")
+    return fact
+
+
+_QUERY_SLOT = {q: slot for slot in [None, *all_slots()] for q in query_paraphrases(slot)}
+
+
+def query_slot(text: str) -> str | None:
+    """The slot a world query asks about (None for an off-topic one); ValueError if the text is not a world query."""
+    if text not in _QUERY_SLOT:
+        raise ValueError(f"not a world query: {text!r}")
+    return _QUERY_SLOT[text]
+
+
 def attribute_vector(style: Style) -> np.ndarray:
     """(K,) attribute values in [-1, 1] realized by a style, in the order of ATTRIBUTES."""
     formality = (style.greeting + style.closing) / 2

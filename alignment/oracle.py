@@ -75,3 +75,37 @@ def oracle_apc(character: dict, query_slot: str | None, text: str) -> tuple[floa
         v += g * ent + (1 - g) * (1 - con)
         delta += g * ent - (1 - g) * con
     return v, delta
+
+
+class OracleAPCScorer:
+    """The world's true APC behind `rewards.apc.APCScorer`'s interface: relevance and NLI are the grammar's 0/1
+    labels (`language.relevant`, `language.nli_label` of the parsed response) instead of classifier probabilities.
+
+    `alignment.dpo` trains on it with `reward=oracle`: the ceiling any pair of discriminators can reach, which tells
+    a failed APC-DPO run's reward apart from its optimizer. Statements and queries must be world text.
+    """
+
+    def score(self, statements, query: str, responses, character: str = "", prune: bool = True):
+        from rewards.apc import APCRequest
+
+        return self.score_many([APCRequest(statements, query, responses, character)])[0]
+
+    def score_many(self, requests, prune: bool = True) -> list:
+        import torch
+
+        from rewards.apc import APCScores, apc_delta, apc_terms, apc_value
+
+        out = []
+        for r in requests:
+            facts, slot = [lang.parse_statement(s) for s in r.statements], lang.query_slot(r.query)
+            parsed = [lang.parse_response(text) for text in r.responses]
+            labels = [[lang.nli_label(f, p.fact if p else None) for f in facts] for p in parsed]
+            p_rel = torch.tensor([float(lang.relevant(f[0], slot)) for f in facts])
+            p_ent = torch.tensor([[float(x == "entailed") for x in row] for row in labels]).reshape(len(parsed), -1)
+            p_con = torch.tensor([[float(x == "contradicted") for x in row] for row in labels]).reshape(len(parsed),
+                                                                                                        -1)
+            active, passive = apc_terms(p_rel, p_ent, p_con)
+            out.append(APCScores(apc_value(p_rel, p_ent, p_con), apc_delta(p_rel, p_ent, p_con), p_rel, p_ent, p_con,
+                                 active, passive, torch.ones(len(facts), dtype=torch.bool),
+                                 torch.zeros_like(p_ent, dtype=torch.bool)))
+        return out

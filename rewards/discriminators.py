@@ -17,14 +17,27 @@ Initialization. The paper fine-tunes pretrained DeBERTa; relevance and NLI need 
 language and can match a value in the response against the one in the statement. The persona world's pretrained
 language model is its SFT policy (`alignment/sft.py`, trained from scratch on world dialogues with the world
 tokenizer): it has learned to copy a statement's value into its answer, which is exactly the comparison NLI needs.
-By default (`init=policy`) both classifiers start from it with a new classification head. Measured on holdout
-characters (batch 64): from the policy, relevance recall no/yes >= 0.92 after 300 steps in every run (0.96/0.997,
-0.967/0.993, 0.923/0.990); NLI contradicted/neutral/entailed after 1500 steps at lr 2e-3 anywhere between
-0.90/0.89/0.89 (one run) and 0.33/0.97/0.65 (seed-0 main job): NLI is under-trained at this budget (training loss
-still 0.3-0.6), below the 0.9 target. From random weights (`init=model`, 128-wide, 2 layers) relevance reaches
-0.78/0.94 after 900 steps and NLI 0.04/0.59/0.89 after 500 (it never tells a contradiction from an entailment).
-What stays hard is comparing the value words of single-valued slots ("i live in lyon ." against "i live in
-rome .", 15-30% misread) and the item of an opinion.
+By default (`init=policy`) both classifiers start from it with a new classification head.
+
+What the NLI classifier has to learn is a comparison: does the response assert the statement's slot, and with the
+same value? Three things made it learn that instead of shortcuts (`nli_triple`, `world_nli_text`):
+  - no query in the NLI input (a world response states its fact in full): with it, the classifier confused the
+    query's slot words with the response's and read ~8 of a character's ~30 statements as contradicted by an
+    ordinary answer (phantom passive penalties; the seed-0 reward then ranked pairs at chance);
+  - statements with any value of the slot, not only the characters' own: with only their facts, every value was
+    seen contradicted but few entailed, and the classifier memorized the agreeing value pairs (training loss 0.03,
+    holdout entailment recall 0.81);
+  - minimal triples in both directions: half fix the statement and vary the response, half fix the response and
+    vary the statement, so neither part alone predicts the label.
+Measured on holdout characters (relevance 300 steps, NLI 1200 steps, lr 1e-3, batch 64, ~3 steps/s with one
+thread), the two main-job worlds gave relevance recall
+>= 0.95 for both classes and NLI recall contradicted/neutral/entailed 0.81/0.99/0.82 (world seed 0, reward set)
+and 0.91/0.95/0.99 (world seed 1), with 0.3 and 1.1 neutral statements read as contradicted per response. Whether
+the value comparison is learned within the budget still depends on the seed: from the same data, 600 steps gave
+0.62/0.96/0.86 for seed 0, 0.39/0.99/0.61 for seed 1 (still 0.43/0.99/0.58 after 1500 steps: stuck at "same slot,
+either value", loss ~0.43 = two classes at chance) and 0.80/0.94/0.76 for seed 2; two more layers on top of the
+policy or the statement after the response did not rescue seed 1. From random weights (`init=model`, 128-wide,
+2 layers) relevance reaches 0.78/0.94 after 900 steps and NLI 0.04/0.59/0.89 after 500 (earlier data and format).
 
 Differences from the paper:
   - two sets on disjoint characters: `reward/` is trained on the characters with split == "reward" and is what
@@ -77,6 +90,12 @@ OFF_TOPIC_NEGATIVES = 0.25  # share of relevance negatives with an off-topic que
 # "rain ... like" cases were misread after 1500 steps (they were 10% of the neutral examples).
 NEUTRAL_SAME_FAMILY = 0.6
 NEUTRAL_OTHER_FAMILY = 0.2
+# Share of NLI statements whose value is drawn from all of the slot's values instead of the character's own. With
+# only the characters' facts, every value appears contradicted but only a few appear entailed, and the classifier
+# memorized which (statement, response) value pairs agree: training loss 0.03 after 1200 steps while holdout
+# characters' entailments were read at 0.81 recall (0.75 on the natural distribution).
+OTHER_VALUE = 0.5
+VARY_STATEMENT = 0.5  # share of NLI triples that fix the response and vary the statement (see `nli_triple`)
 
 
 @dataclass
@@ -94,9 +113,9 @@ class DiscriminatorConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(  # init=model: preset or pretrained encoder
         preset="llama", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_positions=128))
     relevance_steps: int = 300
-    nli_steps: int = 1500  # from the policy: min recall 0.33-0.89 at 1500 steps (under-trained; see above)
+    nli_steps: int = 1200
     batch_size: int = 64
-    lr: float = 2e-3  # peak; linear warmup then cosine decay (pretrained encoders: ~5e-5)
+    lr: float = 1e-3  # peak; linear warmup then cosine decay (pretrained encoders: ~5e-5)
     warmup: int = 30
     train_examples: int = 4000  # per class and classifier, drawn from the set's characters
     eval_examples: int = 300  # per class and classifier, drawn from the holdout characters
@@ -119,11 +138,19 @@ def world_relevance_text(character: str, statement: str, query: str) -> str:
 
 
 def world_nli_text(character: str, statement: str, query: str, response: str) -> str:
-    """'<|system|> i live in lyon . <|user|> where do you live ? <|assistant|> hey ! i live in rome ! <|end|>'."""
-    return f"<|system|> {statement} <|user|> {query} <|assistant|> {response} <|end|>"
+    """'<|system|> i live in lyon . <|assistant|> hey ! i live in rome ! <|end|>'.
+
+    The query is left out: a world response states its fact in full, so the label never depends on the query, and
+    with it in the input the classifier confuses the query's slot words with the response's. Measured from the
+    policy, 600 steps at lr 1e-3, same data: with the query, recall contradicted/neutral/entailed 0.87/0.76/0.69 and
+    5.2 neutral statements read as contradicted per response; without it 0.91/0.95/0.74 and 1.5."""
+    return f"<|system|> {statement} <|assistant|> {response} <|end|>"
 
 
 FORMATS = {"relevance": world_relevance_text, "nli": world_nli_text}
+# Part of the cache name of `discriminators_artifact`: bump it when the formats or the example builders change, so
+# that classifiers trained on the old ones are not reused (v2: the NLI input lost the query, minimal triples).
+FORMAT_VERSION = 2
 
 
 # --- data from the world's oracle ---------------------------------------------------------------------------------
@@ -173,29 +200,40 @@ def neutral_fact(statement_slot: str, facts: dict[str, str], rng) -> tuple[str, 
 
 
 def nli_triple(character: dict, queries: dict, rng) -> list[tuple[tuple, int]]:
-    """One statement and three responses in one sampled style that differ only in the content clause: the
-    statement's value (entailed), another value of its slot (contradicted), and a fact about another slot or
-    chit-chat (neutral, `neutral_fact`: mostly the hard case "maps is something i like ." against "rain is something
-    i like ."), labelled by the oracle from the parsed text. The query is another of the character's queries 40% of
-    the time: contradicting a statement the query is not about is the passive constraint's case."""
+    """Three examples, one per label, that differ in one part only. Half the draws fix the statement and vary the
+    response's content clause (one sampled style): the statement's value (entailed), another value of its slot
+    (contradicted), a fact about another slot or chit-chat (neutral, `neutral_fact`: mostly the hard case "maps is
+    something i like ." against "rain is something i like ."). The other half fix the response and vary the
+    statement the same way, so that neither part alone predicts the label. Labelled by the oracle from the parsed
+    text. The query (not in the world's NLI input, see `world_nli_text`) is another of the character's queries 40%
+    of the time."""
     from alignment import language as lang
     from alignment import people
 
     facts = {st["slot"]: st["value"] for st in character["statements"]}
     asked = queries[character["character_id"]]
     s = character["statements"][rng.integers(len(character["statements"]))]
+    fact = (s["slot"], s["value"])
+    if rng.random() < OTHER_VALUE:  # as if the character held another value of the slot
+        values = lang.slot_values(s["slot"])
+        fact = (s["slot"], values[rng.integers(len(values))])
     slot = s["slot"] if rng.random() < ON_TOPIC else list(asked)[rng.integers(len(asked))]
     query = asked[slot][rng.integers(len(asked[slot]))]
-    style = people.sample_style(rng)
-    wrong = [v for v in lang.slot_values(s["slot"]) if v != s["value"]]
-    contents = [(s["slot"], s["value"]), (s["slot"], wrong[rng.integers(len(wrong))]),
-                neutral_fact(s["slot"], facts, rng)]
-    out = []
-    for fact in contents:  # entailed, contradicted, neutral
-        response = lang.render_response(fact, int(rng.integers(len(lang.NEUTRAL_CLAUSES))), style)
-        label = lang.nli_label((s["slot"], s["value"]), lang.parse_response(response).fact)
-        out.append(((character["name"], s["text"], query, response), NLI_LABELS.index(label)))
-    return out
+    style, chat = people.sample_style(rng), int(rng.integers(len(lang.NEUTRAL_CLAUSES)))
+    wrong = [v for v in lang.slot_values(fact[0]) if v != fact[1]]
+    neutral = neutral_fact(fact[0], facts, rng)
+    varied = [fact, (fact[0], wrong[rng.integers(len(wrong))]), neutral]  # entailed, contradicted, neutral
+    if rng.random() < VARY_STATEMENT:
+        while neutral is None:  # a statement is always a fact
+            neutral = neutral_fact(fact[0], facts, rng)
+        varied[2] = neutral
+        response = lang.render_response(fact, chat, style)
+        pairs = [(statement, response) for statement in varied]
+    else:
+        pairs = [(fact, lang.render_response(content, chat, style)) for content in varied]
+    return [((character["name"], lang.statement_text(*statement), query, response),
+             NLI_LABELS.index(lang.nli_label(statement, lang.parse_response(response).fact)))
+            for statement, response in pairs]
 
 
 def natural_nli_examples(world: dict, split: str, responses: int, seed: int) -> list[list[tuple[tuple, int]]]:
@@ -424,7 +462,7 @@ def discriminators_artifact(cfg: DiscriminatorConfig) -> Path:
     cfg = replace(cfg, data=cfg.data or str(world_artifact(cfg.world, cfg.runs_dir)))
     key = replace(cfg, name=None, resume=False, runs_dir="")
     build = lambda out: main(replace(cfg, runs_dir=str(out), name="run", resume=False))
-    return cached_artifact("apc-discriminators", key, build, runs_dir=cfg.runs_dir) / "run"
+    return cached_artifact(f"apc-discriminators-v{FORMAT_VERSION}", key, build, runs_dir=cfg.runs_dir) / "run"
 
 
 def load_scorer(path: str | os.PathLike, set: Literal["reward", "evaluator"] = "reward", **kw):

@@ -82,22 +82,34 @@ def test_relevance_examples_are_balanced_oracle_labelled_with_hard_negatives(wor
     assert kinds["off-topic"] > 30 and kinds["other slot"] > 150  # both kinds of negatives are common
 
 
-def test_nli_examples_are_balanced_and_contradict_with_the_same_slot(world):
-    chars = [c for c in world["characters"] if c["split"] == "evaluator"]
+def test_nli_examples_are_balanced_minimal_triples_labelled_by_the_oracle(world):
     examples = make_examples(world, "evaluator", "nli", 200, seed=1)
     assert Counter(y for _, y in examples) == {0: 200, 1: 200, 2: 200}
-    statement_slot = {s["text"]: s["slot"] for c in chars for s in c["statements"]}
+    fixed = Counter()
     same_template_neutral = 0
-    for (_, statement, _, response), label in examples:
-        fact = lang.parse_response(response).fact
-        assert lang.NLI_LABELS[label] == lang.nli_label((statement_slot[statement], None), fact) or label == 2
-        if label == 0:  # contradicted: the statement's slot, another value
-            assert fact[0] == statement_slot[statement] and lang.statement_text(*fact) != statement
-        if label == 2:
-            assert lang.statement_text(*fact) == statement
-        if label == 1 and fact is not None and fact[0].startswith("opinion:"):
-            same_template_neutral += statement_slot[statement].startswith("opinion:")
+    for i in range(0, len(examples), 3):
+        triple = examples[i:i + 3]
+        assert [y for _, y in triple] == [2, 0, 1]  # entailed, contradicted, neutral
+        statements = [lang.parse_statement(args[1]) for args, _ in triple]
+        facts = [lang.parse_response(args[3]).fact for args, _ in triple]
+        for statement, fact, (_, y) in zip(statements, facts, triple):
+            assert lang.NLI_LABELS[y] == lang.nli_label(statement, fact)
+        # one part is fixed, so neither the statement alone nor the response alone tells the labels apart
+        varies_statement = len({args[1] for args, _ in triple}) > 1
+        if varies_statement:
+            assert len({args[3] for args, _ in triple}) == 1
+            fixed["response"] += 1
+        else:
+            fixed["statement"] += 1
+            assert facts[1][0] == statements[0][0] and facts[1][1] != statements[0][1]  # same slot, another value
+        neutral = statements[2] if varies_statement else facts[2]
+        same_template_neutral += bool(neutral) and neutral[0].startswith("opinion:") and statements[0][0].startswith(
+            "opinion:")
+    assert min(fixed.values()) > 60  # both kinds of triple, about half each
     assert same_template_neutral > 10  # "rain is something i like ." against "maps is something i like ."
+    # statements cover values the characters do not hold (else entailment is memorized per character fact)
+    held = {s["text"] for c in world["characters"] if c["split"] == "evaluator" for s in c["statements"]}
+    assert sum(args[1] not in held for args, _ in examples) > 50
 
 
 def test_natural_nli_examples_are_every_statement_against_one_response_labelled_by_the_oracle(world):
@@ -131,12 +143,11 @@ def test_recall_metrics_worked_numbers():
     assert m["min_recall"] == 0.5 and m["examples"] == 6
 
 
-def test_formats_keep_every_part_in_order():
+def test_formats_keep_the_parts_in_order():
     assert world_relevance_text("anna", "i live in lyon .", "where do you live ?") == (
         "<|system|> i live in lyon . <|user|> where do you live ? <|end|>")
     text = world_nli_text("anna", "i live in lyon .", "where do you live ?", "hey . i live in rome .")
-    assert text == ("<|system|> i live in lyon . <|user|> where do you live ? <|assistant|> hey . i live in rome . "
-                    "<|end|>")
+    assert text == "<|system|> i live in lyon . <|assistant|> hey . i live in rome . <|end|>"  # no query: see docs
 
 
 # --- the dispatcher ---------------------------------------------------------------------------------------------

@@ -71,6 +71,25 @@ def test_apc_weighted_loss_trains(runs):
 
 
 @pytest.mark.slow
+def test_oracle_reward_ranks_pairs_by_the_true_apc(runs):
+    from alignment.oracle import oracle_apc
+    from alignment.world import load_world
+
+    run_dir = main(tiny_config(runs, name="oracle", reward="oracle", margin=0.5, epochs=1))
+    meta = json.loads((run_dir / "meta.json").read_text())
+    world = load_world(Path(meta["data"]["world"]))
+    characters = {c["character_id"]: c for c in world["characters"]}
+    slots = {q["query_id"]: q["slot"] for q in world["queries"]}
+    pairs = [json.loads(line) for line in (run_dir / "pairs.jsonl").read_text().splitlines()]
+    assert pairs
+    for p in pairs:
+        c, slot = characters[p["user_id"]], slots[p["prompt_id"]]
+        assert p["chosen_reward"] == oracle_apc(c, slot, p["chosen"])[1]
+        assert p["rejected_reward"] == oracle_apc(c, slot, p["rejected"])[1]
+        assert p["chosen_reward"] - p["rejected_reward"] > 0.5
+
+
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_the_uninterrupted_run(runs, tmp_path):
     """Kill a run with SIGKILL mid-training; `resume=true` continues from its last checkpoint (not step 0) and logs
     the same training loss as an uninterrupted run at every step, to 1e-4."""

@@ -81,6 +81,37 @@ def test_oracle_labels_worked_examples():
     np.testing.assert_array_equal(lang.attribute_vector(parse.style), [0, -1, 1, 0, 0, 0, 0])
 
 
+def test_statements_and_queries_parse_back_to_their_slot():
+    for slot in lang.all_slots():
+        for value in lang.slot_values(slot):
+            assert lang.parse_statement(lang.statement_text(slot, value)) == (slot, value)
+        assert {lang.query_slot(q) for q in lang.query_paraphrases(slot)} == {slot}
+    assert {lang.query_slot(q) for q in lang.query_paraphrases(None)} == {None}
+    with pytest.raises(ValueError, match="not a world persona statement"):
+        lang.parse_statement("i live in atlantis .")
+    with pytest.raises(ValueError, match="not a world query"):
+        lang.query_slot("where do you live")
+
+
+def test_oracle_scorer_is_the_oracle_apc_in_the_scorer_interface():
+    from alignment.oracle import OracleAPCScorer, oracle_apc
+
+    character = {"statements": [{"slot": "home", "value": "lyon"}, {"slot": "opinion:rain", "value": "like"},
+                                {"slot": "job", "value": "baker"}]}
+    statements = [lang.statement_text(s["slot"], s["value"]) for s in character["statements"]]
+    query = lang.query_paraphrases("home")[0]
+    responses = ["hey ! i live in lyon ! cheers !", "i live in rome .", "rain is something i dislike .",
+                 "that is a good question .", "lyon in live i ."]
+    s = OracleAPCScorer().score(statements, query, responses)
+    # answered (+1), contradicts the relevant statement (0: no active reward, no passive penalty on a relevant one),
+    # contradicts an irrelevant one (-1), neutral (0), not a sentence (0)
+    assert s.delta.tolist() == [1.0, 0.0, -1.0, 0.0, 0.0]
+    assert s.p_rel.tolist() == [1.0, 0.0, 0.0]
+    for r, text in enumerate(responses):
+        v, delta = oracle_apc(character, "home", text)
+        assert (s.v_apc[r].item(), s.delta[r].item()) == (v, delta)
+
+
 def test_true_reward_worked_number_and_invalid_text():
     facts = [("name", "anna"), ("home", "lyon")]
     w = np.array([1.0, 0.0, 0.0, -2.0, 0.5, 0.0, 0.0])
