@@ -101,9 +101,9 @@ class OracleAPCScorer:
             parsed = [lang.parse_response(text) for text in r.responses]
             labels = [[lang.nli_label(f, p.fact if p else None) for f in facts] for p in parsed]
             p_rel = torch.tensor([float(lang.relevant(f[0], slot)) for f in facts])
-            p_ent = torch.tensor([[float(x == "entailed") for x in row] for row in labels]).reshape(len(parsed), -1)
-            p_con = torch.tensor([[float(x == "contradicted") for x in row] for row in labels]).reshape(len(parsed),
-                                                                                                        -1)
+            shape = (len(parsed), len(facts))  # (R, S), also for R = 0 (relevance only, as RAG prompts ask)
+            p_ent = torch.tensor([[float(x == "entailed") for x in row] for row in labels]).reshape(shape)
+            p_con = torch.tensor([[float(x == "contradicted") for x in row] for row in labels]).reshape(shape)
             active, passive = apc_terms(p_rel, p_ent, p_con)
             out.append(APCScores(apc_value(p_rel, p_ent, p_con), apc_delta(p_rel, p_ent, p_con), p_rel, p_ent, p_con,
                                  active, passive, torch.ones(len(facts), dtype=torch.bool),

@@ -36,8 +36,15 @@ and 0.91/0.95/0.99 (world seed 1), with 0.3 and 1.1 neutral statements read as c
 the value comparison is learned within the budget still depends on the seed: from the same data, 600 steps gave
 0.62/0.96/0.86 for seed 0, 0.39/0.99/0.61 for seed 1 (still 0.43/0.99/0.58 after 1500 steps: stuck at "same slot,
 either value", loss ~0.43 = two classes at chance) and 0.80/0.94/0.76 for seed 2; two more layers on top of the
-policy or the statement after the response did not rescue seed 1. From random weights (`init=model`, 128-wide,
-2 layers) relevance reaches 0.78/0.94 after 900 steps and NLI 0.04/0.59/0.89 after 500 (earlier data and format).
+policy or the statement after the response did not rescue seed 1. What remains on the natural distribution (world
+seed 1, reward set): ~1 neutral statement per response read as contradicted, nearly all a statement about another
+slot of the same family, read confidently ("i work as a nurse ." against "hey ! i play volleyball !" at 0.99): the
+slot comparison is the same kind of equality and generalizes no better. Tried and dropped: broken copies of
+responses as neutral examples (the oracle reads a non-sentence as asserting nothing), meant to stop the reward from
+choosing broken samples; it did not (19-33 broken chosen responses of ~830 pairs, as before) and the reward then
+disagreed with the oracle on more pairs (world seed 0: 93 instead of 40 of ~800). From random weights
+(`init=model`, 128-wide, 2 layers) relevance reaches 0.78/0.94 after 900 steps and NLI 0.04/0.59/0.89 after 500
+(earlier data and format).
 
 Differences from the paper:
   - two sets on disjoint characters: `reward/` is trained on the characters with split == "reward" and is what

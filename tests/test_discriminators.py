@@ -92,7 +92,7 @@ def test_nli_examples_are_balanced_minimal_triples_labelled_by_the_oracle(world)
         assert [y for _, y in triple] == [2, 0, 1]  # entailed, contradicted, neutral
         statements = [lang.parse_statement(args[1]) for args, _ in triple]
         facts = [lang.parse_response(args[3]).fact for args, _ in triple]
-        for statement, fact, (_, y) in zip(statements, facts, triple):
+        for statement, fact, (_, y) in zip(statements, facts, triple, strict=True):
             assert lang.NLI_LABELS[y] == lang.nli_label(statement, fact)
         # one part is fixed, so neither the statement alone nor the response alone tells the labels apart
         varies_statement = len({args[1] for args, _ in triple}) > 1

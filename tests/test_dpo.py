@@ -70,23 +70,35 @@ def test_apc_weighted_loss_trains(runs):
     assert losses and all(torch.isfinite(torch.tensor(losses)))
 
 
-@pytest.mark.slow
-def test_oracle_reward_ranks_pairs_by_the_true_apc(runs):
-    from alignment.oracle import oracle_apc
-    from alignment.world import load_world
+def test_oracle_judge_ranks_pairs_by_the_true_apc(monkeypatch, tmp_path):
+    """`reward=oracle`: build_pairs ranks the samples by the world's true ΔAPC (here four scripted samples per query:
+    the true answer, chit-chat, a contradiction of another statement, a non-sentence)."""
+    from alignment import language as lang
+    from alignment import people, sampling
+    from alignment.dpo import build_pairs, select_queries
+    from alignment.oracle import OracleAPCScorer, oracle_apc
+    from alignment.world import load_world, world_artifact
 
-    run_dir = main(tiny_config(runs, name="oracle", reward="oracle", margin=0.5, epochs=1))
-    meta = json.loads((run_dir / "meta.json").read_text())
-    world = load_world(Path(meta["data"]["world"]))
-    characters = {c["character_id"]: c for c in world["characters"]}
-    slots = {q["query_id"]: q["slot"] for q in world["queries"]}
-    pairs = [json.loads(line) for line in (run_dir / "pairs.jsonl").read_text().splitlines()]
-    assert pairs
-    for p in pairs:
-        c, slot = characters[p["user_id"]], slots[p["prompt_id"]]
-        assert p["chosen_reward"] == oracle_apc(c, slot, p["chosen"])[1]
-        assert p["rejected_reward"] == oracle_apc(c, slot, p["rejected"])[1]
-        assert p["chosen_reward"] - p["rejected_reward"] > 0.5
+    world = load_world(world_artifact(SMALL, tmp_path))
+    cfg = replace(tiny_config(tmp_path), train_queries=6, margin=0.5)
+    queries = select_queries(world, cfg.characters, "train", cfg.train_queries, cfg.seed, with_off_topic=True)
+    style = people.sample_style(__import__("numpy").random.default_rng(0))
+    scripted = []
+    for q, c in queries:  # an off-topic query (slot None) is answered with a true fact: ΔAPC 0
+        answer = next(s for s in c["statements"] if s["slot"] == q["slot"] or q["slot"] is None)
+        other = next(s for s in c["statements"] if s["slot"] not in (q["slot"], answer["slot"]))
+        wrong = next(v for v in lang.slot_values(other["slot"]) if v != other["value"])
+        scripted.append([lang.render_response((answer["slot"], answer["value"]), 0, style),
+                         lang.render_response(None, 0, style),
+                         lang.render_response((other["slot"], wrong), 0, style), "lyon in live i ."])
+    monkeypatch.setattr(sampling, "sample_responses", lambda model, tok, prompts, **kw: scripted[:len(prompts)])
+    oracle = OracleAPCScorer()
+    pairs = build_pairs(cfg, world, None, None, oracle, oracle)
+    assert len(pairs) == len(queries)
+    for p, (q, c), samples in zip(pairs, queries, scripted, strict=True):
+        assert (p["chosen"], p["rejected"]) == (samples[0], samples[2])  # the answer against the contradiction
+        assert p["chosen_reward"] == oracle_apc(c, q["slot"], p["chosen"])[1] == (q["slot"] is not None)
+        assert p["rejected_reward"] == oracle_apc(c, q["slot"], p["rejected"])[1] == -1.0
 
 
 @pytest.mark.slow
