@@ -20,7 +20,7 @@ tokenizer): it has learned to copy a statement's value into its answer, which is
 By default (`init=policy`) both classifiers start from it with a new classification head.
 
 What the NLI classifier has to learn is a comparison: does the response assert the statement's slot, and with the
-same value? Three things made it learn that instead of shortcuts (`nli_triple`, `world_nli_text`):
+same value? Four things made it learn that instead of shortcuts (`nli_triple`, `world_nli_text`):
   - no query in the NLI input (a world response states its fact in full): with it, the classifier confused the
     query's slot words with the response's and read ~8 of a character's ~30 statements as contradicted by an
     ordinary answer (phantom passive penalties; the seed-0 reward then ranked pairs at chance);
@@ -32,28 +32,29 @@ same value? Three things made it learn that instead of shortcuts (`nli_triple`, 
   - the distribution APC scores joins the training data (`natural_train`: every statement of a character against
     one of its responses, mostly neutral): balanced triples alone left ~1 neutral statement per response read as
     contradicted (world seed 1), enough style-driven noise that APC-DPO lost to RAG; with them 0.1-0.2.
-Measured on holdout characters (relevance 300 steps, NLI 1200 steps, lr 1e-3, batch 64, ~3 steps/s with one
-thread), the two main-job worlds gave relevance recall
->= 0.95 for both classes and NLI recall contradicted/neutral/entailed 0.81/0.99/0.82 (world seed 0, reward set)
-and 0.91/0.95/0.99 (world seed 1), with 0.3 and 1.1 neutral statements read as contradicted per response. Whether
-the value comparison is learned within the budget still depends on the seed: from the same data, 600 steps gave
-0.62/0.96/0.86 for seed 0, 0.39/0.99/0.61 for seed 1 (still 0.43/0.99/0.58 after 1500 steps: stuck at "same slot,
-either value", loss ~0.43 = two classes at chance) and 0.80/0.94/0.76 for seed 2; two more layers on top of the
-policy or the statement after the response did not rescue seed 1. What remains on the natural distribution (world
-seed 1, reward set): ~1 neutral statement per response read as contradicted, nearly all a statement about another
-slot of the same family, read confidently ("i work as a nurse ." against "hey ! i play volleyball !" at 0.99): the
-slot comparison is the same kind of equality and generalizes no better. Tried and dropped: broken copies of
-responses as neutral examples (the oracle reads a non-sentence as asserting nothing), meant to stop the reward from
-choosing broken samples; it did not (19-33 broken chosen responses of ~830 pairs, as before) and the reward then
-disagreed with the oracle on more pairs (world seed 0: 93 instead of 40 of ~800). From random weights
-(`init=model`, 128-wide, 2 layers) relevance reaches 0.78/0.94 after 900 steps and NLI 0.04/0.59/0.89 after 500
-(earlier data and format).
+Measured on holdout characters with the defaults (relevance 300 steps, NLI 1200 steps, lr 1e-3, batch 64, 3-6
+steps/s), the two main-job worlds: relevance recall no/yes >= 0.95 in all four sets; NLI recall
+contradicted/neutral/entailed 0.81/0.99/0.66 (world seed 0, reward set), 0.83/0.99/0.72 (seed 0, evaluator),
+0.90/0.99/0.94 (seed 1, reward), 0.84/0.98/0.87 (seed 1, evaluator), with 0.1-0.2 neutral statements read as
+contradicted per response. Below the 0.9 target for entailed and contradicted in three of four sets: whether the
+value comparison is learned within the budget still depends on the seed. Without `natural_train`, from the same
+data, 600 steps gave 0.62/0.96/0.86 for seed 0, 0.39/0.99/0.61 for seed 1 (still 0.43/0.99/0.58 after 1500 steps:
+stuck at "same slot, either value", loss ~0.43 = two classes at chance) and 0.80/0.94/0.76 for seed 2; two more
+layers on top of the policy or the statement after the response did not rescue seed 1. Before `natural_train`, what
+remained on the natural distribution (world seed 1, reward set) was ~1 neutral statement per response read as
+contradicted, nearly all a statement about another slot of the same family, read confidently ("i work as a nurse ."
+against "hey ! i play volleyball !" at 0.99): the slot comparison is the same kind of equality and generalizes no
+better. Tried and dropped: broken copies of responses as neutral examples (the oracle reads a non-sentence as
+asserting nothing), meant to stop the reward from choosing broken samples; it did not (19-33 broken chosen responses
+of ~830 pairs, as before) and the reward then disagreed with the oracle on more pairs (world seed 0: 93 instead of
+40 of ~800). From random weights (`init=model`, 128-wide, 2 layers) relevance reaches 0.78/0.94 after 900 steps and
+NLI 0.04/0.59/0.89 after 500 (earlier data and format).
 
 Differences from the paper:
   - two sets on disjoint characters: `reward/` is trained on the characters with split == "reward" and is what
     APC-DPO optimizes; `evaluator/` is trained on split == "evaluator" and is what reports ΔAPC, so the metric is
     not the reward being optimized (the paper intends a separate evaluator but its script reuses one checkpoint);
-  - the training data are class-balanced (the natural relevance rate is ~3%: one statement in ~34 per query) and
+  - the training data are class-balanced apart from `natural_train` (the natural relevance rate is ~3%) and
     carry hard negatives: statements of other slots and off-topic queries for relevance, responses that assert the
     statement's slot with another value (contradicted) or another slot in the same template (neutral) for NLI;
   - both classifiers of each set are measured on class-balanced examples from split == "holdout" characters,
