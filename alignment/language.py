@@ -253,7 +253,7 @@ def parse_response(text: str) -> Parse | None:
 
 
 def parse_statement(text: str) -> tuple[str, str]:
-    """The (slot, value) a persona statement asserts ('i live in lyon .' -> ('city', 'lyon')); ValueError if the
+    """The (slot, value) a persona statement asserts ('i live in lyon .' -> ('home', 'lyon')); ValueError if the
     text is not a world statement."""
     fact = _CONTENT.get(text[:-2]) if text.endswith(" .") else None
     if fact is None:
