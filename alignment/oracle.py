@@ -60,26 +60,32 @@ def response_quality(examples, responses: list[str]) -> dict:
             "profiles": len(profiles), "top_profile_share": max(profiles.values()) / max(valid, 1) if valid else 1.0}
 
 
-def oracle_apc(character: dict, query_slot: str | None, text: str) -> tuple[float, float]:
-    """(V_APC, ΔAPC) with the oracle's 0/1 relevance and NLI in place of the discriminators (APC eq. 3-6).
+def oracle_probabilities(facts: list[tuple[str, str]], query_slot: str | None, texts: list[str]):
+    """The oracle's 0/1 stand-ins for the discriminators' outputs: p_rel (S,) from `language.relevant`, p_ent and
+    p_con (R, S) from `language.nli_label` of each parsed text. Text that does not parse asserts nothing: it entails
+    and contradicts no statement, like a neutral response."""
+    import torch
 
-    Text that does not parse asserts nothing: it entails and contradicts no statement, like a neutral response.
-    """
-    parse = lang.parse_response(text)
-    fact = parse.fact if parse else None
-    v = delta = 0.0
-    for s in character["statements"]:
-        g = float(lang.relevant(s["slot"], query_slot))
-        label = lang.nli_label((s["slot"], s["value"]), fact)
-        ent, con = float(label == "entailed"), float(label == "contradicted")
-        v += g * ent + (1 - g) * (1 - con)
-        delta += g * ent - (1 - g) * con
-    return v, delta
+    asserted = [parse.fact if (parse := lang.parse_response(text)) else None for text in texts]
+    labels = [[lang.nli_label(f, fact) for f in facts] for fact in asserted]
+    shape = (len(texts), len(facts))  # also for no texts (relevance only, as RAG prompts ask)
+    p_rel = torch.tensor([float(lang.relevant(slot, query_slot)) for slot, _ in facts])
+    p_ent = torch.tensor([[float(x == "entailed") for x in row] for row in labels]).reshape(shape)
+    p_con = torch.tensor([[float(x == "contradicted") for x in row] for row in labels]).reshape(shape)
+    return p_rel, p_ent, p_con
+
+
+def oracle_apc(character: dict, query_slot: str | None, text: str) -> tuple[float, float]:
+    """(V_APC, ΔAPC) of one text with the oracle's relevance and NLI in place of the discriminators (APC eq. 3-6)."""
+    from rewards.apc import apc_delta, apc_value
+
+    probs = oracle_probabilities(facts_of(character), query_slot, [text])
+    return apc_value(*probs).item(), apc_delta(*probs).item()
 
 
 class OracleAPCScorer:
-    """The world's true APC behind `rewards.apc.APCScorer`'s interface: relevance and NLI are the grammar's 0/1
-    labels (`language.relevant`, `language.nli_label` of the parsed response) instead of classifier probabilities.
+    """The world's true APC behind `rewards.apc.APCScorer`'s interface (`oracle_probabilities` instead of classifier
+    probabilities).
 
     `alignment.dpo` trains on it with `reward=oracle`: the ceiling any pair of discriminators can reach, which tells
     a failed APC-DPO run's reward apart from its optimizer. Statements and queries must be world text.
@@ -97,13 +103,8 @@ class OracleAPCScorer:
 
         out = []
         for r in requests:
-            facts, slot = [lang.parse_statement(s) for s in r.statements], lang.query_slot(r.query)
-            parsed = [lang.parse_response(text) for text in r.responses]
-            labels = [[lang.nli_label(f, p.fact if p else None) for f in facts] for p in parsed]
-            p_rel = torch.tensor([float(lang.relevant(f[0], slot)) for f in facts])
-            shape = (len(parsed), len(facts))  # (R, S), also for R = 0 (relevance only, as RAG prompts ask)
-            p_ent = torch.tensor([[float(x == "entailed") for x in row] for row in labels]).reshape(shape)
-            p_con = torch.tensor([[float(x == "contradicted") for x in row] for row in labels]).reshape(shape)
+            facts = [lang.parse_statement(s) for s in r.statements]
+            p_rel, p_ent, p_con = oracle_probabilities(facts, lang.query_slot(r.query), list(r.responses))
             active, passive = apc_terms(p_rel, p_ent, p_con)
             out.append(APCScores(apc_value(p_rel, p_ent, p_con), apc_delta(p_rel, p_ent, p_con), p_rel, p_ent, p_con,
                                  active, passive, torch.ones(len(facts), dtype=torch.bool),

@@ -237,11 +237,12 @@ def nli_triple(character: dict, queries: dict, rng) -> list[tuple[tuple, int]]:
     style, chat = people.sample_style(rng), int(rng.integers(len(lang.NEUTRAL_CLAUSES)))
     wrong = [v for v in lang.slot_values(fact[0]) if v != fact[1]]
     neutral = neutral_fact(fact[0], facts, rng)
-    varied = [fact, (fact[0], wrong[rng.integers(len(wrong))]), neutral]  # entailed, contradicted, neutral
-    if rng.random() < VARY_STATEMENT:
-        while neutral is None:  # a statement is always a fact
-            neutral = neutral_fact(fact[0], facts, rng)
-        varied[2] = neutral
+    contradicting = (fact[0], wrong[rng.integers(len(wrong))])
+    vary_statement = rng.random() < VARY_STATEMENT
+    while vary_statement and neutral is None:  # a statement is always a fact
+        neutral = neutral_fact(fact[0], facts, rng)
+    varied = [fact, contradicting, neutral]  # entailed, contradicted, neutral
+    if vary_statement:
         response = lang.render_response(fact, chat, style)
         pairs = [(statement, response) for statement in varied]
     else:
@@ -262,14 +263,14 @@ def natural_nli_examples(world: dict, split: str, responses: int, seed: int) -> 
 
     characters = [c for c in world["characters"] if c["split"] == split]
     rng, queries = np.random.default_rng(seed), queries_by_slot(world)
+    mix = tuple(WorldSpec().content_mix)  # the default world's (the world directory does not record its own)
     groups = []
     for _ in range(responses):
         c = characters[rng.integers(len(characters))]
         asked = queries[c["character_id"]]
         slot = list(asked)[rng.integers(len(asked))]
         query = asked[slot][rng.integers(len(asked[slot]))]
-        fact, neutral = people.sample_content(rng, [(s["slot"], s["value"]) for s in c["statements"]], slot,
-                                              (0.8, 0.08, 0.04, 0.08))
+        fact, neutral = people.sample_content(rng, [(s["slot"], s["value"]) for s in c["statements"]], slot, mix)
         response = lang.render_response(fact, neutral, people.sample_style(rng))
         groups.append([((c["name"], s["text"], query, response),
                         NLI_LABELS.index(lang.nli_label((s["slot"], s["value"]), fact))) for s in c["statements"]])
@@ -281,10 +282,7 @@ def natural_nli_metrics(model, tokenizer, groups: list[list[tuple[tuple, int]]],
     but read as contradicted (each one costs ΔAPC up to 1 in the passive penalty)."""
     texts = [world_nli_text(*args) for group in groups for args, _ in group]
     labels = [y for group in groups for _, y in group]
-    from rewards.apc import Discriminator
-
-    disc = Discriminator(model, tokenizer, NLI_LABELS, "eval", batch_size=256, max_length=max_length)
-    predicted = disc.probs(disc.encode(texts, truncate=True)).argmax(-1).tolist()
+    predicted = predict(model, tokenizer, texts, NLI_LABELS, max_length)
     metrics = recall_metrics(predicted, labels, NLI_LABELS)
     neutral, contradicted = NLI_LABELS.index("neutral"), NLI_LABELS.index("contradicted")
     phantom = sum(y == neutral and p == contradicted for y, p in zip(labels, predicted, strict=True))
@@ -353,14 +351,19 @@ def recall_metrics(predicted: list[int], labels: list[int], names: tuple[str, ..
     return {"accuracy": accuracy, "recall": recall, "min_recall": min(recall.values()), "examples": len(labels)}
 
 
-def evaluate_classifier(model, tokenizer, texts: list, labels: list[int], names: tuple[str, ...],
-                        max_length: int) -> dict:
-    """Recall per class on held-out examples, through the same batched forward the APC scorer uses."""
+def predict(model, tokenizer, texts: list[str], names: tuple[str, ...], max_length: int) -> list[int]:
+    """The most probable label index (in the order of `names`) of each text, through the same batched forward the
+    APC scorer uses."""
     from rewards.apc import Discriminator
 
     disc = Discriminator(model, tokenizer, names, "eval", batch_size=256, max_length=max_length)
-    probs = disc.probs(disc.encode(texts, truncate=True))  # (N, C) in the order of `names`
-    return recall_metrics(probs.argmax(-1).tolist(), labels, names)
+    return disc.probs(disc.encode(texts, truncate=True)).argmax(-1).tolist()
+
+
+def evaluate_classifier(model, tokenizer, texts: list, labels: list[int], names: tuple[str, ...],
+                        max_length: int) -> dict:
+    """Recall per class on held-out examples."""
+    return recall_metrics(predict(model, tokenizer, texts, names, max_length), labels, names)
 
 
 def start_model(cfg: DiscriminatorConfig) -> ModelConfig:

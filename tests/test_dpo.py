@@ -9,6 +9,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,7 +83,7 @@ def test_oracle_judge_ranks_pairs_by_the_true_apc(monkeypatch, tmp_path):
     world = load_world(world_artifact(SMALL, tmp_path))
     cfg = replace(tiny_config(tmp_path), train_queries=6, margin=0.5)
     queries = select_queries(world, cfg.characters, "train", cfg.train_queries, cfg.seed, with_off_topic=True)
-    style = people.sample_style(__import__("numpy").random.default_rng(0))
+    style = people.sample_style(np.random.default_rng(0))
     scripted = []
     for q, c in queries:  # an off-topic query (slot None) is answered with a true fact: ΔAPC 0
         answer = next(s for s in c["statements"] if s["slot"] == q["slot"] or q["slot"] is None)

@@ -106,6 +106,7 @@ def test_oracle_scorer_is_the_oracle_apc_in_the_scorer_interface():
     # answered (+1), contradicts the relevant statement (0: no active reward, no passive penalty on a relevant one),
     # contradicts an irrelevant one (-1), neutral (0), not a sentence (0)
     assert s.delta.tolist() == [1.0, 0.0, -1.0, 0.0, 0.0]
+    assert s.v_apc.tolist() == [3.0, 2.0, 1.0, 2.0, 2.0]  # + the two irrelevant statements not contradicted
     assert s.p_rel.tolist() == [1.0, 0.0, 0.0]
     for r, text in enumerate(responses):
         v, delta = oracle_apc(character, "home", text)
