@@ -1,6 +1,6 @@
 """Supervised fine-tuning on persona-world dialogues: the base policy every later stage starts from.
 
-    python -m alignment.sft config=sft_world.yaml                  # tiny Llama from scratch, ~4 min on 2 CPU cores
+    python -m alignment.sft config=sft_world.yaml                  # tiny Llama from scratch, ~5 min on 2 CPU cores
     python -m alignment.sft model.preset=null model.name_or_path=<hf model or dir> lr=2e-5
 
 Data: the world's `dialogues` (system turn = RAG persona statements, sometimes with a user's stated preferences;
@@ -39,7 +39,7 @@ class SFTConfig:
     data: str | None = None  # an existing world directory to train on instead of `world`
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         preset="llama", hidden_size=128, num_layers=3, num_heads=4, intermediate_size=384, max_positions=512))
-    steps: int = 2500  # measured: 97% valid samples, 73% answer the asked slot (with the 3-layer, 128-wide default)
+    steps: int = 2500  # measured: 97.7% valid samples, 75% answer the asked slot (the 3-layer, 128-wide default)
     batch_size: int = 32
     lr: float = 3e-3  # peak; linear warmup then cosine decay to 10%
     warmup: int = 100
@@ -79,6 +79,23 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
         labels[i, len(p):n] = torch.tensor(r)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batch_indices(lengths: list[int], batch_size: int, step: int, seed: int, group: int = 8) -> list[int]:
+    """The example indices of training batch `step`: random draws (with replacement), grouped by length.
+
+    Every `group` consecutive steps share a pool of batch_size * group random examples, sorted by length and cut into
+    `group` batches taken in a random order, so a batch pads to a length close to its examples' own (world dialogues
+    are 35-140 tokens: random batches of 32 padded to ~130 for a mean of ~70, twice the compute). A pure function
+    of (seed, step): a resumed run draws the same batches with no sampler state to checkpoint.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng([seed, step // group])
+    pool = rng.integers(len(lengths), size=batch_size * group)
+    pool = pool[np.argsort(np.asarray(lengths)[pool], kind="stable")]
+    batch = rng.permutation(group)[step % group]
+    return pool[batch * batch_size:(batch + 1) * batch_size].tolist()
 
 
 def lr_lambda(warmup: int, steps: int):
@@ -123,11 +140,11 @@ def main(cfg: SFTConfig) -> Path:
     examples, dropped = encode(tokenizer, world["dialogues"], cfg.max_length)
     run.add_meta("examples", {"kept": len(examples), "dropped_too_long": dropped})
 
-    # --- optimizer, schedule, data order (a seeded generator, checkpointed so resume continues the same order)
+    # --- optimizer, schedule; the data order is a function of (seed, step), so resume needs no sampler state
+    lengths = [len(p) + len(r) for p, r in examples]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup, cfg.steps))
-    order = torch.Generator().manual_seed(cfg.seed)
-    state = run.load_checkpoint(model, optimizer, scheduler, generators={"order": order}) if cfg.resume else None
+    state = run.load_checkpoint(model, optimizer, scheduler) if cfg.resume else None
     start = state["step"] if state else 0
 
     # --- loop
@@ -135,7 +152,7 @@ def main(cfg: SFTConfig) -> Path:
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), desc="sft", initial=start, total=cfg.steps)
     for step in bar:
-        idx = torch.randint(len(examples), (cfg.batch_size,), generator=order).tolist()
+        idx = batch_indices(lengths, cfg.batch_size, step, cfg.seed)
         batch = {k: v.to(model.device) for k, v in collate([examples[i] for i in idx], tokenizer.pad_token_id).items()}
         loss = model(**batch).loss
         loss.backward()
@@ -147,7 +164,7 @@ def main(cfg: SFTConfig) -> Path:
             run.log(step + 1, loss=loss.item(), grad_norm=grad_norm.item(), lr=scheduler.get_last_lr()[0])
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            run.save_checkpoint(step + 1, model, optimizer, scheduler, {"order": order}, tokenizer=tokenizer)
+            run.save_checkpoint(step + 1, model, optimizer, scheduler, tokenizer=tokenizer)
     train_seconds = time.time() - t0
 
     # --- closing summary by the oracle
@@ -162,16 +179,20 @@ def main(cfg: SFTConfig) -> Path:
     return run.dir
 
 
+# Bumped when the same config trains a different policy (2: length-grouped batches), so no stale cache is reused.
+SFT_FORMAT = 2
+
+
 def policy_artifact(cfg: SFTConfig) -> Path:
-    """The SFT policy for a config, trained once and cached under runs/cache/sft-<hash>/ (the training run is kept
-    inside it as `run/`); run fields (name, resume, runs_dir) do not enter the key."""
+    """The SFT policy for a config, trained once and cached under runs/cache/sft-v<SFT_FORMAT>-<hash>/ (the training
+    run is kept inside it as `run/`); run fields (name, resume, runs_dir) do not enter the key."""
     from alignment.cache import cached_artifact
     from alignment.world import world_artifact
 
     world = cfg.data or str(world_artifact(cfg.world, cfg.runs_dir))
     key = replace(cfg, name=None, resume=False, runs_dir="")
     build = lambda out: main(replace(cfg, data=world, runs_dir=str(out), name="run", resume=False))
-    artifact = cached_artifact("sft", key, build, runs_dir=cfg.runs_dir)
+    artifact = cached_artifact(f"sft-v{SFT_FORMAT}", key, build, runs_dir=cfg.runs_dir)
     return final_model(artifact / "run")
 
 
