@@ -98,13 +98,19 @@ def prerequisites(cfg: DPOConfig) -> tuple[Path, Path, Path]:
 
 
 # --- prompts ----------------------------------------------------------------------------------------------------
-def persona_prompts(character: dict, query: dict, scorer, k: int) -> dict[str, list[dict]]:
-    """The three prompt conditions of the APC table for one query: no persona, all statements, RAG top-k."""
-    statements = [s["text"] for s in character["statements"]]
-    p_rel = scorer.score(statements, query["text"], [], character["name"]).p_rel  # (S,)
-    top = torch.topk(p_rel, min(k, len(statements))).indices.tolist()
-    turn = lambda system: [{"role": "system", "content": system}, {"role": "user", "content": query["text"]}]
-    return {"vanilla": turn(""), "lcm": turn(" ".join(statements)), "rag": turn(" ".join(statements[i] for i in top))}
+def persona_prompts(queries: list[tuple[dict, dict]], scorer, k: int) -> list[dict[str, list[dict]]]:
+    """The three prompt conditions of the APC table for each (query, character): no persona, all statements, RAG
+    top-k by `scorer`'s relevance (one batched relevance pass over all queries)."""
+    from rewards.apc import APCRequest
+
+    requests = [APCRequest([s["text"] for s in c["statements"]], q["text"], [], c["name"]) for q, c in queries]
+    prompts = []
+    for (q, _), r, scores in zip(queries, requests, scorer.score_many(requests), strict=True):
+        top = torch.topk(scores.p_rel, min(k, len(r.statements))).indices.tolist()
+        turn = lambda system, q=q: [{"role": "system", "content": system}, {"role": "user", "content": q["text"]}]
+        prompts.append({"vanilla": turn(""), "lcm": turn(" ".join(r.statements)),
+                        "rag": turn(" ".join(r.statements[i] for i in top))})
+    return prompts
 
 
 def select_queries(world: dict, characters: str, split: str, n: int, seed: int, with_off_topic: bool):
@@ -118,22 +124,33 @@ def select_queries(world: dict, characters: str, split: str, n: int, seed: int, 
 
 
 # --- pairs ------------------------------------------------------------------------------------------------------
-def build_pairs(cfg: DPOConfig, world: dict, policy, tokenizer, scorer, judge) -> list[dict]:
+def build_pairs(cfg: DPOConfig, world: dict, policy, tokenizer, scorer, judge, chunk: int = 100) -> list[dict]:
     """Sample N responses per training query (RAG prompts by `scorer`'s relevance), score them with `judge`'s APC,
     keep best-vs-worst above the margin."""
+    from tqdm.auto import tqdm
+
     from alignment.losses import apc_pair_weights
     from alignment.sampling import sample_responses
+    from rewards.apc import APCRequest
 
     queries = select_queries(world, cfg.characters, "train", cfg.train_queries, cfg.seed, with_off_topic=True)
-    prompts = [persona_prompts(c, q, scorer, cfg.rag_k)["rag"] for q, c in queries]
+    prompts = [p["rag"] for p in persona_prompts(queries, scorer, cfg.rag_k)]
     samples = sample_responses(policy, tokenizer, prompts, n=cfg.samples, temperature=cfg.temperature,
                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    # Identical samples carry no preference; queries with fewer than two distinct ones are skipped.
+    kept = [(q, c, prompt, unique) for (q, c), prompt, responses in zip(queries, prompts, samples, strict=True)
+            if len(unique := list(dict.fromkeys(responses))) >= 2]
+    requests = [APCRequest([st["text"] for st in c["statements"]], q["text"], unique, c["name"])
+                for q, c, _, unique in kept]
+    # Chunks of queries, each one batched pass per classifier: 76 s instead of 105 s query by query (1000 queries,
+    # ~150k statement-response pairs, 2-core CPU); the chunks only give the progress bar its steps.
+    scores, bar = [], tqdm(total=len(requests), desc="apc", unit="query")
+    for i in range(0, len(requests), chunk):
+        scores += judge.score_many(requests[i:i + chunk])
+        bar.update(len(requests[i:i + chunk]))
+    bar.close()
     pairs = []
-    for (q, c), prompt, responses in zip(queries, prompts, samples, strict=True):
-        unique = list(dict.fromkeys(responses))  # identical samples carry no preference
-        if len(unique) < 2:
-            continue
-        s = judge.score([st["text"] for st in c["statements"]], q["text"], unique, c["name"])
+    for (q, c, prompt, unique), s in zip(kept, scores, strict=True):
         best, worst = int(s.delta.argmax()), int(s.delta.argmin())
         if s.delta[best] - s.delta[worst] <= cfg.margin:
             continue
@@ -194,7 +211,7 @@ def evaluate(cfg: DPOConfig, world, base, trained, tokenizer, reward_scorer, eva
     from alignment.sampling import sample_responses
 
     queries = select_queries(world, cfg.characters, "test", cfg.eval_queries, cfg.seed, with_off_topic=False)
-    prompts = [persona_prompts(c, q, reward_scorer, cfg.rag_k) for q, c in queries]
+    prompts = persona_prompts(queries, reward_scorer, cfg.rag_k)
     rows = {"Vanilla": (base, "vanilla"), "LCM": (base, "lcm"), "RAG": (base, "rag"), "RAG+APC-DPO": (trained, "rag")}
     responses = {}
     for name, (model, kind) in rows.items():
