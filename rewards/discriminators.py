@@ -45,10 +45,11 @@ and 700. Tried on failing sets and dropped: length-grouped batches as in SFT (1.
 slowed: 0.84/0.98/0.89 and 0.84/0.97/0.83 at 1200 steps, 0.90/0.99/0.96 and 0.87/0.98/0.87 at 2000 steps on the
 seed-0 evaluator set; 0.21/1.00/0.78 and 0.52/0.99/0.57 on world seed 1 at 2000 steps), lr 2e-3 (grouped, 1200
 steps: 0.83/0.97/0.81), and the response as the system turn with the statement as the assistant's answer (world seed
-1 reward set: 0.56/1.00/0.50). Earlier, without `natural_train`, from the same data, 600 steps gave 0.62/0.96/0.86
-for seed 0, 0.39/0.99/0.61 for seed 1 (still 0.43/0.99/0.58 after 1500 steps: stuck at "same slot, either value",
-loss ~0.43 = two classes at chance) and 0.80/0.94/0.76 for seed 2; two more layers on top of the policy or the
-statement after the response did not rescue seed 1. Before `natural_train`, what
+1 reward set: 0.56/1.00/0.50), AdamW weight decay 0.1 or 1.0 (same set: 0.65/1.00/0.34, 0.61/1.00/0.40). Earlier,
+without `natural_train`, from the same data, 600 steps gave 0.62/0.96/0.86 for seed 0, 0.39/0.99/0.61 for seed 1
+(still 0.43/0.99/0.58 after 1500 steps: stuck at "same slot, either value", loss ~0.43 = two classes at chance) and
+0.80/0.94/0.76 for seed 2; two more layers on top of the policy or the statement after the response did not rescue
+seed 1. Before `natural_train`, what
 remained on the natural distribution (world seed 1, reward set) was ~1 neutral statement per response read as
 contradicted, nearly all a statement about another slot of the same family, read confidently ("i work as a nurse ."
 against "hey ! i play volleyball !" at 0.99): the slot comparison is the same kind of equality and generalizes no
