@@ -103,13 +103,15 @@ def persona_prompts(queries: list[tuple[dict, dict]], scorer, k: int) -> list[di
     top-k by `scorer`'s relevance (one batched relevance pass over all queries)."""
     from rewards.apc import APCRequest
 
+    def turn(system: str, query: str) -> list[dict]:
+        return [{"role": "system", "content": system}, {"role": "user", "content": query}]
+
     requests = [APCRequest([s["text"] for s in c["statements"]], q["text"], [], c["name"]) for q, c in queries]
     prompts = []
-    for (q, _), r, scores in zip(queries, requests, scorer.score_many(requests), strict=True):
+    for r, scores in zip(requests, scorer.score_many(requests), strict=True):
         top = torch.topk(scores.p_rel, min(k, len(r.statements))).indices.tolist()
-        turn = lambda system, q=q: [{"role": "system", "content": system}, {"role": "user", "content": q["text"]}]
-        prompts.append({"vanilla": turn(""), "lcm": turn(" ".join(r.statements)),
-                        "rag": turn(" ".join(r.statements[i] for i in top))})
+        prompts.append({"vanilla": turn("", r.query), "lcm": turn(" ".join(r.statements), r.query),
+                        "rag": turn(" ".join(r.statements[i] for i in top), r.query)})
     return prompts
 
 
@@ -146,8 +148,9 @@ def build_pairs(cfg: DPOConfig, world: dict, policy, tokenizer, scorer, judge, c
     # ~150k statement-response pairs, 2-core CPU); the chunks only give the progress bar its steps.
     scores, bar = [], tqdm(total=len(requests), desc="apc", unit="query")
     for i in range(0, len(requests), chunk):
-        scores += judge.score_many(requests[i:i + chunk])
-        bar.update(len(requests[i:i + chunk]))
+        part = requests[i:i + chunk]
+        scores += judge.score_many(part)
+        bar.update(len(part))
     bar.close()
     pairs = []
     for (q, c, prompt, unique), s in zip(kept, scores, strict=True):

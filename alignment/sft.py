@@ -81,19 +81,20 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def batch_indices(lengths: list[int], batch_size: int, step: int, seed: int, group: int = 8) -> list[int]:
+def batch_indices(lengths, batch_size: int, step: int, seed: int, group: int = 8) -> list[int]:
     """The example indices of training batch `step`: random draws (with replacement), grouped by length.
 
     Every `group` consecutive steps share a pool of batch_size * group random examples, sorted by length and cut into
     `group` batches taken in a random order, so a batch pads to a length close to its examples' own (world dialogues
     are 35-140 tokens: random batches of 32 padded to ~130 for a mean of ~70, twice the compute). A pure function
-    of (seed, step): a resumed run draws the same batches with no sampler state to checkpoint.
+    of (seed, step): a resumed run draws the same batches with no sampler state to checkpoint. `lengths`: one per
+    example, best as a numpy array built once (a list is converted on every call).
     """
     import numpy as np
 
     rng = np.random.default_rng([seed, step // group])
     pool = rng.integers(len(lengths), size=batch_size * group)
-    pool = pool[np.argsort(np.asarray(lengths)[pool], kind="stable")]
+    pool = pool[np.argsort(np.asarray(lengths)[pool], kind="stable")]  # no copy for an array
     batch = rng.permutation(group)[step % group]
     return pool[batch * batch_size:(batch + 1) * batch_size].tolist()
 
@@ -122,6 +123,7 @@ def evaluate_policy(model, tokenizer, world: dict, n: int, seed: int, max_new_to
 
 
 def main(cfg: SFTConfig) -> Path:
+    import numpy as np
     from tqdm.auto import tqdm
 
     from alignment.models import load_causal_lm, load_tokenizer
@@ -141,7 +143,7 @@ def main(cfg: SFTConfig) -> Path:
     run.add_meta("examples", {"kept": len(examples), "dropped_too_long": dropped})
 
     # --- optimizer, schedule; the data order is a function of (seed, step), so resume needs no sampler state
-    lengths = [len(p) + len(r) for p, r in examples]
+    lengths = np.array([len(p) + len(r) for p, r in examples])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup, cfg.steps))
     state = run.load_checkpoint(model, optimizer, scheduler) if cfg.resume else None

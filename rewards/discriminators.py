@@ -38,26 +38,27 @@ no/yes >= 0.95 in all four sets of the two main-job worlds; NLI recall contradic
 (world seed 0, reward set), 0.38/1.00/0.62 (seed 0, evaluator), 0.63/0.99/0.39 (seed 1, reward), 0.47/0.99/0.55
 (seed 1, evaluator), with 0.0-0.1 neutral statements read as contradicted per response. From the previous SFT
 policies (random batches, same data) the four were 0.81/0.99/0.66, 0.83/0.99/0.72, 0.90/0.99/0.94, 0.84/0.98/0.87.
+
 Whether the value comparison is learned is a lottery over the training seed, not the data: on the seed-0 evaluator
-set, the same data with seed 1 (head initialization and batch order) gives 0.90/0.99/0.95 instead of 0.38/1.00/0.62;
-the failed runs sit on a plateau at "same slot, either value" (loss ~0.3) that the good ones leave between steps 500
-and 700. Tried on failing sets and dropped: length-grouped batches as in SFT (1.7x faster per step, but learning
-slowed: 0.84/0.98/0.89 and 0.84/0.97/0.83 at 1200 steps, 0.90/0.99/0.96 and 0.87/0.98/0.87 at 2000 steps on the
-seed-0 evaluator set; 0.21/1.00/0.78 and 0.52/0.99/0.57 on world seed 1 at 2000 steps), lr 2e-3 (grouped, 1200
-steps: 0.83/0.97/0.81), and the response as the system turn with the statement as the assistant's answer (world seed
-1 reward set: 0.56/1.00/0.50), AdamW weight decay 0.1 or 1.0 (same set: 0.65/1.00/0.34, 0.61/1.00/0.40). Earlier,
-without `natural_train`, from the same data, 600 steps gave 0.62/0.96/0.86 for seed 0, 0.39/0.99/0.61 for seed 1
-(still 0.43/0.99/0.58 after 1500 steps: stuck at "same slot, either value", loss ~0.43 = two classes at chance) and
-0.80/0.94/0.76 for seed 2; two more layers on top of the policy or the statement after the response did not rescue
-seed 1. Before `natural_train`, what
-remained on the natural distribution (world seed 1, reward set) was ~1 neutral statement per response read as
-contradicted, nearly all a statement about another slot of the same family, read confidently ("i work as a nurse ."
-against "hey ! i play volleyball !" at 0.99): the slot comparison is the same kind of equality and generalizes no
-better. Tried and dropped: broken copies of responses as neutral examples (the oracle reads a non-sentence as
-asserting nothing), meant to stop the reward from choosing broken samples; it did not (19-33 broken chosen responses
-of ~830 pairs, as before) and the reward then disagreed with the oracle on more pairs (world seed 0: 93 instead of
-40 of ~800). From random weights (`init=model`, 128-wide, 2 layers) relevance reaches 0.78/0.94 after 900 steps and
-NLI 0.04/0.59/0.89 after 500 (earlier data and format).
+set, the same data with seed 1 (head initialization and batch order) gives 0.90/0.99/0.95 instead of 0.38/1.00/0.62.
+The failed runs sit on a plateau at "same slot, either value" (loss ~0.3; ~0.43 = two classes at chance before
+`natural_train`) that the good ones leave between steps 500 and 700. Tried on failing sets, none lifts it:
+length-grouped batches as in SFT (1.7x faster per step, but learning slowed: 0.84/0.98/0.89 and 0.84/0.97/0.83 at
+1200 steps, 0.90/0.99/0.96 and 0.87/0.98/0.87 at 2000 steps on the seed-0 evaluator set; 0.21/1.00/0.78 and
+0.52/0.99/0.57 on world seed 1 at 2000 steps), lr 2e-3 (grouped, 1200 steps: 0.83/0.97/0.81), the response as the
+system turn with the statement as the assistant's answer (world seed 1 reward set: 0.56/1.00/0.50), AdamW weight
+decay 0.1 or 1.0 (same set: 0.65/1.00/0.34, 0.61/1.00/0.40), 1500 steps (seed 1 before `natural_train`:
+0.43/0.99/0.58), two more layers on top of the policy, the statement after the response (earlier data). Without
+`natural_train`, 600 steps gave 0.62/0.96/0.86, 0.39/0.99/0.61 and 0.80/0.94/0.76 for seeds 0-2, and what remained
+on the natural distribution (world seed 1, reward set) was ~1 neutral statement per response read as contradicted,
+nearly all a statement about another slot of the same family, read confidently ("i work as a nurse ." against "hey !
+i play volleyball !" at 0.99): the slot comparison is the same kind of equality and generalizes no better.
+
+Also tried and dropped: broken copies of responses as neutral examples (the oracle reads a non-sentence as asserting
+nothing), meant to stop the reward from choosing broken samples; it did not (19-33 broken chosen responses of ~830
+pairs, as before) and the reward then disagreed with the oracle on more pairs (world seed 0: 93 instead of 40 of
+~800). From random weights (`init=model`, 128-wide, 2 layers) relevance reaches 0.78/0.94 after 900 steps and NLI
+0.04/0.59/0.89 after 500 (earlier data and format).
 
 Differences from the paper:
   - two sets on disjoint characters: `reward/` is trained on the characters with split == "reward" and is what
