@@ -33,8 +33,12 @@ RESERVED = ("config.yaml", MARKER)  # written by cached_artifact itself
 
 
 def artifact_dir(kind: str, cfg: Any, *, runs_dir: str | os.PathLike = "runs") -> Path:
-    """Where `cached_artifact(kind, cfg, ...)` puts its artifact: `runs_dir/cache/<kind>-<config_hash(cfg)>`."""
-    return Path(runs_dir).absolute() / "cache" / f"{kind}-{config_hash(cfg)}"
+    """Where `cached_artifact(kind, cfg, ...)` puts its artifact: `runs_dir/cache/<kind>-<config_hash(cfg)>`.
+
+    The cache directory is resolved through symlinks: a sweep links `runs/<sweep>/cache` to `runs/cache`, and the
+    paths of artifacts enter the keys of the artifacts built from them (the discriminators' `policy` and `data`), so
+    both spellings must name the same directory, or the sweep would rebuild what the main job cached."""
+    return (Path(runs_dir) / "cache").resolve() / f"{kind}-{config_hash(cfg)}"
 
 
 def is_complete(path: Path) -> bool:

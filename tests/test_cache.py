@@ -90,3 +90,23 @@ def test_racing_processes_build_once(in_tmp):
     assert [p.exitcode for p in procs] == [0, 0]
     assert len(log_path.read_text().splitlines()) == 1
     assert outcomes[0] == outcomes[1] and outcomes[0][1] == "complete"
+
+
+@dataclass
+class ToyPolicy:
+    world: str = ""  # the path of the artifact it is built from, as the discriminators' key holds the policy's
+
+
+def test_symlinked_cache_gives_the_same_keys(in_tmp):
+    """A sweep links runs/<sweep>/cache to runs/cache: an artifact whose key holds another artifact's path must be
+    found through either spelling, not built again."""
+    calls = []
+    (in_tmp / "runs" / "sweep").mkdir(parents=True)
+    (in_tmp / "runs" / "cache").mkdir()
+    (in_tmp / "runs" / "sweep" / "cache").symlink_to("../cache")
+    built = []
+    for runs_dir in ("runs", "runs/sweep"):
+        world = cached_artifact("world", ToyWorld(), writer(calls), runs_dir=runs_dir)
+        built.append(cached_artifact("policy", ToyPolicy(world=str(world)), writer(calls), runs_dir=runs_dir))
+    assert built[0] == built[1]
+    assert len(calls) == 2  # the world and the policy, once each
