@@ -74,6 +74,11 @@ def cached_artifact(
 
 
 def _build_into(target: Path, cfg: Any, build: Callable[[Path], None]) -> None:
+    # Under the lock no one else is building this artifact: a temporary directory left beside it is the remains of
+    # a build that was killed (SIGKILL leaves no chance to clean up), and would otherwise stay on disk forever.
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        log.info("removing %s, left by a build that did not finish", stale)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         log.info("building %s", target)

@@ -110,3 +110,16 @@ def test_symlinked_cache_gives_the_same_keys(in_tmp):
         built.append(cached_artifact("policy", ToyPolicy(world=str(world)), writer(calls), runs_dir=runs_dir))
     assert built[0] == built[1]
     assert len(calls) == 2  # the world and the policy, once each
+
+
+def test_remains_of_a_killed_build_are_removed(in_tmp):
+    target = cached_artifact("world", ToyWorld(), writer([]))
+    other = cached_artifact("world", ToyWorld(seed=1), writer([]))
+    stale = target.parent / f".{target.name}.tmp-killed"  # what a SIGKILLed build leaves
+    (stale / "part").mkdir(parents=True)
+    running = target.parent / f".{other.name}.tmp-running"  # another key's build, maybe in progress: not ours
+    running.mkdir()
+    (target / "DONE").unlink()
+    target.rename(target.parent / "moved")  # force a rebuild of the same key
+    cached_artifact("world", ToyWorld(), writer([]))
+    assert not stale.exists() and running.is_dir() and (target / "DONE").is_file()
