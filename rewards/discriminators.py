@@ -48,7 +48,13 @@ length-grouped batches as in SFT (1.7x faster per step, but learning slowed: 0.8
 0.52/0.99/0.57 on world seed 1 at 2000 steps), lr 2e-3 (grouped, 1200 steps: 0.83/0.97/0.81), the response as the
 system turn with the statement as the assistant's answer (world seed 1 reward set: 0.56/1.00/0.50), AdamW weight
 decay 0.1 or 1.0 (same set: 0.65/1.00/0.34, 0.61/1.00/0.40), 1500 steps (seed 1 before `natural_train`:
-0.43/0.99/0.58), two more layers on top of the policy, the statement after the response (earlier data). Without
+0.43/0.99/0.58), two more layers on top of the policy, the statement after the response (earlier data). A
+curriculum cracks the comparison on one set but not the other, and costs phantom contradictions: batches of only
+entailed/contradicted examples first (their share falling linearly to 0 at step 400 or 600, then the usual mix) gave
+0.97/0.97/0.99 and 0.99/0.97/0.99 on the seed-0 evaluator set (the comparison learned by step 300) but 0.66-0.77
+neutral statements read as contradicted per response (0.1-0.2 without), and 0.80/0.89/0.94 with 2.5 on world seed
+1's reward set; keeping half of every batch entailed/contradicted, or a pure phase of 300-400 steps before the mix
+(with or without the neutral logit masked), also left 0.75-3.5 per response. Without
 `natural_train`, 600 steps gave 0.62/0.96/0.86, 0.39/0.99/0.61 and 0.80/0.94/0.76 for seeds 0-2, and what remained
 on the natural distribution (world seed 1, reward set) was ~1 neutral statement per response read as contradicted,
 nearly all a statement about another slot of the same family, read confidently ("i work as a nurse ." against "hey !
