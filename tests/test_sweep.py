@@ -6,6 +6,7 @@ results.json through alignment.runs.Run, launched like any entry point (`python 
 """
 
 import csv
+import functools
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tqdm.auto
 
 from alignment.config import load_config, run_cli
 from alignment.stats import bootstrap_ci, format_ci
@@ -270,7 +272,9 @@ def test_table_and_plots_agree_with_results_json(fake):
 # -- running: parallel within the budget, skip, resume, crash ----------------------------------------------------
 
 
-def test_sweep_runs_every_cell_within_the_thread_budget_and_a_rerun_does_nothing(fake, capsys):
+def test_sweep_runs_every_cell_within_the_thread_budget_and_a_rerun_does_nothing(fake, capsys, monkeypatch):
+    # the progress bar is checked below: shown even where TQDM_DISABLE is set (tqdm reads it once, at import)
+    monkeypatch.setattr(tqdm.auto, "tqdm", functools.partial(tqdm.auto.tqdm, disable=False))
     write_sweep(fake, """\
         name: s
         entry: fake_entry
