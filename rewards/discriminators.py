@@ -54,7 +54,13 @@ entailed/contradicted examples first (their share falling linearly to 0 at step 
 0.97/0.97/0.99 and 0.99/0.97/0.99 on the seed-0 evaluator set (the comparison learned by step 300) but 0.66-0.77
 neutral statements read as contradicted per response (0.1-0.2 without), and 0.80/0.89/0.94 with 2.5 on world seed
 1's reward set; keeping half of every batch entailed/contradicted, or a pure phase of 300-400 steps before the mix
-(with or without the neutral logit masked), also left 0.75-3.5 per response. Without
+(with or without the neutral logit masked), also left 0.75-3.5 per response. The plateau is a competition between
+the two comparisons, not a limit of the policy: trained on entailed/contradicted examples alone (400 steps, its own
+cosine schedule), world seed 1's reward set reaches 0.86-0.89 contradicted and 0.89-0.93 entailed recall for training
+seeds 0 and 1 (opinions perfectly, single slots 82%), but training that model on the full mix afterwards (800 steps)
+undoes it within 100 steps (0.78/0.84/0.93 at lr 1e-3, 0.48/0.72/0.79 at 3e-4, 2.9-3.9 phantom contradictions per
+response); AdamW at 3e-4 on the body and 1e-3 on the head, or the head alone for the first 200 steps, stay on the
+plateau (~0.5 entailed/contradicted accuracy at step 800). Without
 `natural_train`, 600 steps gave 0.62/0.96/0.86, 0.39/0.99/0.61 and 0.80/0.94/0.76 for seeds 0-2, and what remained
 on the natural distribution (world seed 1, reward set) was ~1 neutral statement per response read as contradicted,
 nearly all a statement about another slot of the same family, read confidently ("i work as a nurse ." against "hey !
