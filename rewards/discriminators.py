@@ -60,7 +60,11 @@ cosine schedule), world seed 1's reward set reaches 0.86-0.89 contradicted and 0
 seeds 0 and 1 (opinions perfectly, single slots 82%), but training that model on the full mix afterwards (800 steps)
 undoes it within 100 steps (0.78/0.84/0.93 at lr 1e-3, 0.48/0.72/0.79 at 3e-4, 2.9-3.9 phantom contradictions per
 response); AdamW at 3e-4 on the body and 1e-3 on the head, or the head alone for the first 200 steps, stay on the
-plateau (~0.5 entailed/contradicted accuracy at step 800). Without
+plateau (~0.5 entailed/contradicted accuracy at step 800). The best curriculum in single runs, the first batches 2/3
+entailed/contradicted triples and 1/3 `natural_train` examples falling linearly to uniform draws at step 600 (0.92/
+0.98/0.90 with 0.28 phantoms on the seed-0 evaluator set, 0.80/1.00/0.88 with 0.1 on world seed 1's reward set), was
+still a lottery in the main job, where only the order of the draws differed: world seed 1 reward 0.68/0.99/0.30,
+world seed 0 reward 0.86/0.95/0.85 with 0.6 phantoms (0.94/0.99/0.98 with 0.1 without it). Without
 `natural_train`, 600 steps gave 0.62/0.96/0.86, 0.39/0.99/0.61 and 0.80/0.94/0.76 for seeds 0-2, and what remained
 on the natural distribution (world seed 1, reward set) was ~1 neutral statement per response read as contradicted,
 nearly all a statement about another slot of the same family, read confidently ("i work as a nurse ." against "hey !
