@@ -6,7 +6,8 @@ returns `runs/cache/world-<config_hash(world_cfg)>/`. The first caller builds it
 parallel ones, e.g. the cells of a sweep) reuse it. A build runs under a file lock
 (`runs/cache/world-<hash>.lock`) in a temporary sibling directory, which receives `config.yaml` (the
 resolved config) and the `DONE` marker and is then renamed into place, so a reader either sees no
-directory or a complete one. A build that raises leaves nothing behind.
+directory or a complete one. A build that raises leaves nothing behind; one that is killed leaves its
+temporary directory, which the next build of the same artifact removes.
 
 Delete a cache directory to force a rebuild; the code that builds an artifact is not part of the key,
 so after changing it, delete the stale `runs/cache/<kind>-*` by hand.
