@@ -41,32 +41,32 @@ policies (random batches, same data) the four were 0.81/0.99/0.66, 0.83/0.99/0.7
 
 Whether the value comparison is learned is a lottery over the training seed, not the data: on the seed-0 evaluator
 set, the same data with seed 1 (head initialization and batch order) gives 0.90/0.99/0.95 instead of 0.38/1.00/0.62.
-The failed runs sit on a plateau at "same slot, either value" (loss ~0.3; ~0.43 = two classes at chance before
-`natural_train`) that the good ones leave between steps 500 and 700. Tried on failing sets, none lifts it:
-length-grouped batches as in SFT (1.7x faster per step, but learning slowed: 0.84/0.98/0.89 and 0.84/0.97/0.83 at
-1200 steps, 0.90/0.99/0.96 and 0.87/0.98/0.87 at 2000 steps on the seed-0 evaluator set; 0.21/1.00/0.78 and
-0.52/0.99/0.57 on world seed 1 at 2000 steps), lr 2e-3 (grouped, 1200 steps: 0.83/0.97/0.81), the response as the
-system turn with the statement as the assistant's answer (world seed 1 reward set: 0.56/1.00/0.50), AdamW weight
-decay 0.1 or 1.0 (same set: 0.65/1.00/0.34, 0.61/1.00/0.40), 1500 steps (seed 1 before `natural_train`:
-0.43/0.99/0.58), two more layers on top of the policy, the statement after the response (earlier data). A
-curriculum cracks the comparison on one set but not the other, and costs phantom contradictions: batches of only
-entailed/contradicted examples first (their share falling linearly to 0 at step 400 or 600, then the usual mix) gave
-0.97/0.97/0.99 and 0.99/0.97/0.99 on the seed-0 evaluator set (the comparison learned by step 300) but 0.66-0.77
-neutral statements read as contradicted per response (0.1-0.2 without), and 0.80/0.89/0.94 with 2.5 on world seed
-1's reward set; keeping half of every batch entailed/contradicted, or a pure phase of 300-400 steps before the mix
-(with or without the neutral logit masked), also left 0.75-3.5 per response. The plateau is a competition between
-the two comparisons, not a limit of the policy: trained on entailed/contradicted examples alone (400 steps, its own
-cosine schedule), world seed 1's reward set reaches 0.86-0.89 contradicted and 0.89-0.93 entailed recall for training
-seeds 0 and 1 (opinions perfectly, single slots 82%), but training that model on the full mix afterwards (800 steps)
-undoes it within 100 steps (0.78/0.84/0.93 at lr 1e-3, 0.48/0.72/0.79 at 3e-4, 2.9-3.9 phantom contradictions per
-response); AdamW at 3e-4 on the body and 1e-3 on the head, or the head alone for the first 200 steps, stay on the
-plateau (~0.5 entailed/contradicted accuracy at step 800). The best curriculum in single runs, the first batches 2/3
-entailed/contradicted triples and 1/3 `natural_train` examples falling linearly to uniform draws at step 600 (0.92/
-0.98/0.90 with 0.28 phantoms on the seed-0 evaluator set, 0.80/1.00/0.88 with 0.1 on world seed 1's reward set), was
-still a lottery in the main job, where only the order of the draws differed: world seed 1 reward 0.68/0.99/0.30,
-world seed 0 reward 0.86/0.95/0.85 with 0.6 phantoms (0.94/0.99/0.98 with 0.1 without it). Without
-`natural_train`, 600 steps gave 0.62/0.96/0.86, 0.39/0.99/0.61 and 0.80/0.94/0.76 for seeds 0-2, and what remained
-on the natural distribution (world seed 1, reward set) was ~1 neutral statement per response read as contradicted,
+The failed runs sit on a plateau at "same slot, either value" (loss ~0.3) that the good ones leave between steps 500
+and 700. The NLI has two comparisons to learn, the slot (neutral or not) and the value (entailed or contradicted),
+and for this policy they compete: trained on entailed/contradicted examples alone (400 steps, their own cosine
+schedule), the failing world-seed-1 reward set learns the value one with training seeds 0 and 1 (recall contradicted
+0.86-0.89, entailed 0.89-0.93; opinions perfectly, single slots 82%), and training that model on the full mix
+afterwards undoes it within 100 steps. Tried on failing sets (recall contradicted/neutral/entailed, and "phantoms",
+neutral statements read as contradicted per response, where they rose above the default's 0.1-0.2):
+  - length-grouped batches as in SFT: 1.7x faster per step but slower to learn (seed-0 evaluator set 0.84/0.98/0.89
+    and 0.84/0.97/0.83 at 1200 steps, 0.90/0.99/0.96 and 0.87/0.98/0.87 at 2000; world seed 1 0.21/1.00/0.78 and
+    0.52/0.99/0.57 at 2000); lr 2e-3 (grouped, 1200 steps: 0.83/0.97/0.81); 1500 steps (world seed 1, before
+    `natural_train`: 0.43/0.99/0.58);
+  - the response as the system turn and the statement as the assistant's answer (world seed 1 reward set:
+    0.56/1.00/0.50); the statement after the response, two more layers on top of the policy (earlier data);
+  - AdamW weight decay 0.1 or 1.0 (same set: 0.65/1.00/0.34, 0.61/1.00/0.40); lr 3e-4 on the body and 1e-3 on the
+    head, or the head alone for the first 200 steps (both ~0.5 entailed/contradicted accuracy at step 800);
+  - curricula that teach the value comparison first: entailed/contradicted batches falling linearly to the usual mix
+    at step 400 or 600 (seed-0 evaluator set 0.97/0.97/0.99 and 0.99/0.97/0.99 but 0.66-0.77 phantoms; world seed 1
+    reward set 0.80/0.89/0.94 with 2.5), half of every batch entailed/contradicted, a pure phase before the mix with
+    or without the neutral logit masked (0.75-3.5 phantoms), the mix as a second stage after the value-only model
+    (0.78/0.84/0.93 at lr 1e-3, 0.48/0.72/0.79 at 3e-4, 2.9-3.9 phantoms). The best, 2/3 entailed/contradicted
+    triples and 1/3 `natural_train` examples falling to uniform draws at step 600 (single runs: 0.92/0.98/0.90 with
+    0.28 phantoms, 0.80/1.00/0.88 with 0.1), was still a lottery in the main job, where only the order of the draws
+    differed: world seed 1 reward set 0.68/0.99/0.30, world seed 0 reward set 0.86/0.95/0.85 with 0.6 phantoms
+    (0.94/0.99/0.98 with 0.1 without it).
+Without `natural_train`, 600 steps gave 0.62/0.96/0.86, 0.39/0.99/0.61 and 0.80/0.94/0.76 for seeds 0-2, and what
+remained on the natural distribution (world seed 1, reward set) was ~1 neutral statement per response read as contradicted,
 nearly all a statement about another slot of the same family, read confidently ("i work as a nurse ." against "hey !
 i play volleyball !" at 0.99): the slot comparison is the same kind of equality and generalizes no better.
 
