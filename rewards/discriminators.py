@@ -66,9 +66,10 @@ neutral statements read as contradicted per response, where they rose above the 
     differed: world seed 1 reward set 0.68/0.99/0.30, world seed 0 reward set 0.86/0.95/0.85 with 0.6 phantoms
     (0.94/0.99/0.98 with 0.1 without it).
 Without `natural_train`, 600 steps gave 0.62/0.96/0.86, 0.39/0.99/0.61 and 0.80/0.94/0.76 for seeds 0-2, and what
-remained on the natural distribution (world seed 1, reward set) was ~1 neutral statement per response read as contradicted,
-nearly all a statement about another slot of the same family, read confidently ("i work as a nurse ." against "hey !
-i play volleyball !" at 0.99): the slot comparison is the same kind of equality and generalizes no better.
+remained on the natural distribution (world seed 1, reward set) was ~1 neutral statement per response read as
+contradicted, nearly all a statement about another slot of the same family, read confidently ("i work as a nurse ."
+against "hey ! i play volleyball !" at 0.99): the slot comparison is the same kind of equality and generalizes no
+better.
 
 Also tried and dropped: broken copies of responses as neutral examples (the oracle reads a non-sentence as asserting
 nothing), meant to stop the reward from choosing broken samples; it did not (19-33 broken chosen responses of ~830
