@@ -1,7 +1,7 @@
 """Decoding-time personalization of a frozen policy: PAD, Drift, GenARM and ARGS against the base and against
 preference prompting, measured by the persona world's true user rewards on held-out users.
 
-    python -m decoding.generate config=pad.yaml        # ~10 min on a fresh 2-core CPU (world, SFT, guides cached)
+    python -m decoding.generate config=pad.yaml        # 17 s on a 2-core CPU once world, SFT policy, guides are cached
     python -m decoding.generate config=drift.yaml      # + Drift's weight recovery at 10/25/50/100 pairs
     python -m decoding.generate config=genarm.yaml genarm.alpha=2
     python -m decoding.generate config=args.yaml split=val
