@@ -101,12 +101,12 @@ def prerequisites(cfg: DPOConfig) -> tuple[Path, Path, Path]:
 def persona_prompts(queries: list[tuple[dict, dict]], scorer, k: int) -> list[dict[str, list[dict]]]:
     """The three prompt conditions of the APC table for each (query, character): no persona, all statements, RAG
     top-k by `scorer`'s relevance (one batched relevance pass over all queries)."""
-    from rewards.apc import APCRequest
+    from alignment.evaluate import world_apc_request
 
     def turn(system: str, query: str) -> list[dict]:
         return [{"role": "system", "content": system}, {"role": "user", "content": query}]
 
-    requests = [APCRequest([s["text"] for s in c["statements"]], q["text"], [], c["name"]) for q, c in queries]
+    requests = [world_apc_request(q, c) for q, c in queries]
     prompts = []
     for r, scores in zip(requests, scorer.score_many(requests), strict=True):
         top = torch.topk(scores.p_rel, min(k, len(r.statements))).indices.tolist()
@@ -131,9 +131,9 @@ def build_pairs(cfg: DPOConfig, world: dict, policy, tokenizer, scorer, judge, c
     keep best-vs-worst above the margin."""
     from tqdm.auto import tqdm
 
+    from alignment.evaluate import world_apc_request
     from alignment.losses import apc_pair_weights
     from alignment.sampling import sample_responses
-    from rewards.apc import APCRequest
 
     queries = select_queries(world, cfg.characters, "train", cfg.train_queries, cfg.seed, with_off_topic=True)
     prompts = [p["rag"] for p in persona_prompts(queries, scorer, cfg.rag_k)]
@@ -142,8 +142,7 @@ def build_pairs(cfg: DPOConfig, world: dict, policy, tokenizer, scorer, judge, c
     # Identical samples carry no preference; queries with fewer than two distinct ones are skipped.
     kept = [(q, c, prompt, unique) for (q, c), prompt, responses in zip(queries, prompts, samples, strict=True)
             if len(unique := list(dict.fromkeys(responses))) >= 2]
-    requests = [APCRequest([st["text"] for st in c["statements"]], q["text"], unique, c["name"])
-                for q, c, _, unique in kept]
+    requests = [world_apc_request(q, c, unique) for q, c, _, unique in kept]
     # Chunks of queries, each one batched pass per classifier: 76 s instead of 105 s query by query (1000 queries,
     # ~150k statement-response pairs, 2-core CPU); the chunks only give the progress bar its steps.
     scores, bar = [], tqdm(total=len(requests), desc="apc", unit="query")

@@ -12,6 +12,7 @@ paired differences between rows. Numbers land in `results.json`, the table in `r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,17 +24,22 @@ from alignment.stats import bootstrap_ci, format_ci, paired_difference_ci
 APC_DIFFERENCES = (("RAG+APC-DPO", "RAG"), ("RAG", "Vanilla"), ("RAG", "LCM"))
 
 
+def world_apc_request(query: dict, character: dict, responses: Sequence[str] = ()):
+    """The `rewards.apc.APCRequest` that scores `responses` to a world query against its character's persona."""
+    from rewards.apc import APCRequest
+
+    return APCRequest([s["text"] for s in character["statements"]], query["text"], list(responses), character["name"])
+
+
 def apc_table(queries: list[tuple[dict, dict]], responses: dict[str, list[str]], evaluator, seed: int = 0) -> dict:
     """ΔAPC per condition by the evaluator and the oracle, with intervals; paired differences of APC_DIFFERENCES.
 
     queries: (query, character) rows; responses: condition name -> one response per query (same order).
     """
     from alignment.oracle import oracle_apc
-    from rewards.apc import APCRequest
 
     names = list(responses)
-    requests = [APCRequest([s["text"] for s in c["statements"]], q["text"], [responses[n][i] for n in names],
-                           c["name"]) for i, (q, c) in enumerate(queries)]
+    requests = [world_apc_request(q, c, [responses[n][i] for n in names]) for i, (q, c) in enumerate(queries)]
     scores = evaluator.score_many(requests)  # one relevance pass per query, all conditions' NLI batched together
     by_evaluator = {n: np.array([s.delta[j].item() for s in scores]) for j, n in enumerate(names)}
     by_oracle = {n: np.array([oracle_apc(c, q["slot"], responses[n][i])[1] for i, (q, c) in enumerate(queries)])

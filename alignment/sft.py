@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def batch_indices(lengths, batch_size: int, step: int, seed: int, group: int = 8) -> list[int]:
+def batch_indices(lengths: Sequence[int], batch_size: int, step: int, seed: int, group: int = 8) -> list[int]:
     """The example indices of training batch `step`: random draws (with replacement), grouped by length.
 
     Every `group` consecutive steps share a pool of batch_size * group random examples, sorted by length and cut into
