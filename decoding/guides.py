@@ -61,6 +61,11 @@ class Guide:
     def rows(self) -> int:
         return self.mask.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the guide's logits live; a rule keeps its per-row preference tensors there too."""
+        return self.mask.device
+
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         # logits_to_keep=1: the LM head runs on the last position only (a V x d matmul per row, not per token).
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,

@@ -86,12 +86,12 @@ def _rows(value, batch: int, device=None) -> torch.Tensor:
 
 def pad_rule(guide: Guide, w, top_k: int = 10) -> GuideRule:
     """PAD: top-k interpolation between the base and a preference-conditioned guide; w float or (B,)."""
-    return GuideRule(guide, partial(combiners.pad_scores, w=_rows(w, guide.rows), k=top_k))
+    return GuideRule(guide, partial(combiners.pad_scores, w=_rows(w, guide.rows, guide.device), k=top_k))
 
 
 def genarm_rule(arm: Guide, alpha) -> GuideRule:
     """GenARM: base log-probs + alpha * autoregressive-RM log-probs; alpha float or (B,)."""
-    return GuideRule(arm, partial(combiners.genarm_scores, alpha=_rows(alpha, arm.rows)))
+    return GuideRule(arm, partial(combiners.genarm_scores, alpha=_rows(alpha, arm.rows, arm.device)))
 
 
 def drift_rows(active: torch.Tensor) -> list[tuple[int, int]]:
@@ -118,7 +118,8 @@ def drift_rule(guide: Guide, weights: torch.Tensor, beta, active: torch.Tensor |
         index[b, i] = r
     neutral = index[:, :1].expand(B, 1 + m)
     index = torch.where(torch.cat([torch.ones(B, 1, dtype=torch.bool), active], 1), index, neutral)
-    return GuideRule(guide, partial(combiners.drift_scores, weights=weights, beta=_rows(beta, B)), index)
+    return GuideRule(guide, partial(combiners.drift_scores, weights=weights.to(guide.device),
+                                    beta=_rows(beta, B, guide.device)), index)
 
 
 def args_rule(reward: CandidateReward, w, top_k: int = 10, batch: int | None = None) -> CandidateRule:

@@ -51,6 +51,16 @@ def build_tiny_tokenizer(pad: bool = True):
     return tokenizer
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip themselves where CUDA is absent (CI, this project's CPU machines)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()

@@ -178,6 +178,18 @@ def test_batched_scorer_matches_statement_loop(tok, arch, fmt):
     assert scores.p_ent.shape == scores.active.shape == scores.truncated.shape == (len(RESPONSES), len(STATEMENTS))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", [tiny_bert, tiny_llama])
+def test_scorer_on_cuda_matches_the_cpu_loop(tok, arch):
+    rel = arch(len(tok), ["no", "yes"], 0).eval()  # eval: the loop below must not run dropout either
+    nli = arch(len(tok), ["contradicted", "neutral", "entailed"], 1).eval()
+    expected = naive_apc(rel, nli, tok, STATEMENTS, QUERY, RESPONSES, FORMATS["apc"])
+    scorer = APCScorer(copy.deepcopy(rel).cuda(), tok, copy.deepcopy(nli).cuda(), tok, batch_size=3)
+    scores = scorer.score(STATEMENTS, QUERY, RESPONSES, character=CHARACTER)
+    torch.testing.assert_close(scores.v_apc.cpu(), expected, atol=1e-4, rtol=0)
+
+
+
 def test_relevance_runs_once_per_query(tok, bert_pair):
     rel, nli = bert_pair
     rel_rows, nli_rows = count_rows(rel), count_rows(nli)

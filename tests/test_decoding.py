@@ -7,6 +7,7 @@ banned tokens stay banned, no NaN; Drift's closed form recovers planted weights;
 softmax(s / T). Tiny random Llamas on the 47-token test vocabulary, fp32, CPU; ~10 s in all.
 """
 
+import copy
 import math
 
 import numpy as np
@@ -95,7 +96,7 @@ def our_generate(model, rows, rule=None, **kw):
 
 
 def hf_generate(model, rows, processor=None, **kw):
-    ids, mask = batch_of(rows)
+    ids, mask = left_pad(rows, PAD, model.device)
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12, pad_token_id=PAD,
                          eos_token_id=EOS, logits_processor=[processor] if processor else None, **kw)
     return out[:, ids.shape[1]:]
@@ -121,6 +122,47 @@ def test_guidance_through_generate_and_through_a_logits_processor_agree(models, 
     theirs = hf_generate(base, BASE_PROMPTS, RuleProcessor(rule_for(method, models, [0, 1, 2], w), batch_size=3))
     assert torch.equal(ours, theirs)
     assert not torch.equal(ours, our_generate(base, BASE_PROMPTS))  # the guidance did something
+
+
+# --- the same decoding on a GPU (tests marked gpu skip themselves without CUDA) ----------------------------------
+def on_cuda(models, dtype=torch.float32):
+    return {k: copy.deepcopy(m).to("cuda", dtype) for k, m in models.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_users_batched_on_cuda_get_the_tokens_of_the_cpu(models, method, temperature):
+    """Guides, rules, per-row weights and the per-row samplers all follow the model to the GPU (fp32)."""
+    w, seeds = mixed_weight(method, 3), [11, 12, 13]
+    cpu = our_generate(models["base"], BASE_PROMPTS, rule_for(method, models, [0, 1, 2], w), temperature=temperature,
+                       seeds=seeds)
+    gpu = on_cuda(models)
+    out = our_generate(gpu["base"], BASE_PROMPTS, rule_for(method, gpu, [0, 1, 2], w), temperature=temperature,
+                       seeds=seeds)
+    assert out.device.type == "cuda"
+    assert torch.equal(out.cpu(), cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+def test_logits_processor_on_cuda_gives_the_tokens_of_the_cpu(models, method):
+    w = mixed_weight(method, 3)
+    cpu = hf_generate(models["base"], BASE_PROMPTS, RuleProcessor(rule_for(method, models, [0, 1, 2], w), 3))
+    gpu = on_cuda(models)
+    out = hf_generate(gpu["base"], BASE_PROMPTS, RuleProcessor(rule_for(method, gpu, [0, 1, 2], w), 3))
+    assert torch.equal(out.cpu(), cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_guidance_on_cuda_decodes_allowed_tokens(models, method):
+    """bf16 base and guides: every combination is upcast to fp32 and the EOS ban of min_new_tokens holds."""
+    gpu = on_cuda(models, torch.bfloat16)
+    out = our_generate(gpu["base"], BASE_PROMPTS, rule_for(method, gpu, [0, 1, 2], mixed_weight(method, 3)),
+                       min_new_tokens=12, temperature=1.0, seeds=[1, 2, 3])
+    assert out.shape == (3, 12)
+    assert ((out >= 0) & (out < V) & (out != EOS)).all()
 
 
 # --- cached = full recompute ----------------------------------------------------------------------------------------

@@ -188,3 +188,20 @@ def test_pair_logps_carries_gradients_to_the_policy(word_tokenizer, tiny_llama):
 def test_pair_logps_rejects_incomplete_batch(tiny_llama):
     with pytest.raises(KeyError, match="completion_mask"):
         pair_logps(tiny_llama, {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3)})
+
+
+@pytest.mark.gpu
+def test_pair_logps_on_cuda_match_the_cpu_and_bf16_stays_close(word_tokenizer, tiny_llama):
+    import copy
+
+    batch = build_pair_batch(word_tokenizer, ["where do you live ?", "where ?"], ["i live in lyon", "paris"],
+                             ["paris", "i live in paris"], max_length=16)
+    with torch.no_grad():
+        want = torch.stack(pair_logps(tiny_llama, batch))
+        gpu = copy.deepcopy(tiny_llama).cuda()
+        on_gpu = {k: v.cuda() for k, v in batch.items()}
+        got = torch.stack(pair_logps(gpu, on_gpu))
+        bf16 = torch.stack(pair_logps(gpu.to(torch.bfloat16), on_gpu))
+    assert got.dtype == bf16.dtype == torch.float32  # log-probs are upcast before the log-softmax
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(bf16.cpu(), want, atol=0.1, rtol=0.02)  # bf16 weights: ~3 significant digits
