@@ -19,12 +19,18 @@ and for each, 16 users with prompts of ~48 tokens and 128 new tokens each, greed
                       and scaled linearly to 16 (the loop is sequential with identical work per user), against
                       ours (cached, 16 users batched). Both must emit the same tokens first.
 
-    python bench/decode.py                      # ~10 min on a loaded 2-core CPU
+    python bench/decode.py                      # ~11 min on the 2-core CPU
     python bench/decode.py --models bench --repeats 5 --threads 2
     python bench/decode.py --device cuda --dtype bfloat16   # on a GPU (every step synchronized before its clock stops)
 
 Prints ratios; throughput is generated tokens per second; each figure is the median of --repeats runs. The last
 line is one JSON object with every figure, the load average before and after, and the thread count.
+
+Measured on the idle 2-core CPU (defaults: 1 thread, fp32; 11 min), bench model: PAD with a same-size guide 2.24x
+plain, GenARM 2.14x (1/8 guide: 1.15x, 1.16x); 16 different preferences reach 96.1% (PAD) and 99.3% (Drift) of one
+shared preference; batched 4.8x / 3.9x faster than one user at a time; serving 16 users 39.2x faster than PAD's
+released loop; greedy tokens equal wherever the paths must agree. World model (trained): 2.23x, 2.15x, 93.7%,
+99.7%, 24.8x.
 
 Measured on one H100 (--device cuda --dtype bfloat16 --threads 4, defaults otherwise), bench model (24.1M, guide 1/8
 is 3.1M): PAD with a same-size guide 2.02x plain, GenARM 2.00x (1/8 guide: 1.53x, 1.51x); 16 different preferences

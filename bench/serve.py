@@ -25,16 +25,16 @@ lm_head is zeroed so that no row stops early (all modes then generate exactly th
 bans EOS the same way through min_new_tokens). Throughput is generated tokens (`usage.completion_tokens`) per
 wall-clock second; latency is per request, arrival to last byte; p50 / p99 over the requests of the mode.
 
-    OMP_NUM_THREADS=1 python bench/serve.py                       # ~4 min on a loaded 2-core CPU
+    OMP_NUM_THREADS=1 python bench/serve.py                       # ~3 min on the 2-core CPU
     python bench/serve.py --models bench --requests 128 --threads 2 --device cuda --dtype bfloat16
 
 The last line is one JSON object with every figure, the load average before and after, and the thread count.
 
-Measured on the shared 2-core CPU (load average ~3.5 from other jobs, 1 torch thread; batches of 32, 32, 32, 32
-in every timed 32-client run): the bench model serves 32 clients at 4.9x one-at-a-time and 1.06x offline
-(offline is itself noisy here); the world model at 6.2x and 0.73x, where the ~3-8 ms of HTTP and client work per
-request, paid while the worker waits for the next round, is large next to its ~20 ms of decoding per request
-(0.61x-1.16x over five runs).
+Measured on the idle 2-core CPU (defaults: 1 torch thread, best of 2 rounds; 2:42 in all): the world model serves 32
+clients at 4044 tok/s, 4.92x one-at-a-time and 0.83x offline (p50 245 ms, p99 351 ms); the bench model at 578
+tok/s, 4.78x and 0.98x. On the world model the ~3-8 ms of HTTP and client work per request, paid while the worker
+waits for the next round, is large next to its ~20 ms of decoding per request, so its ratio to offline is the
+noisier one (0.61x-1.16x over five single-round runs on a loaded machine in an earlier session).
 
 On one H100 (--device cuda --dtype bfloat16 --threads 4) a step is ~5 ms of kernel launches for either model, and
 the first rounds after the server starts are slow (a timed round right after the one-batch warm-up: 1864 tok/s,
