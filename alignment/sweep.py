@@ -18,7 +18,8 @@ Every key is checked against the entry point's config dataclass (the annotation 
 Crash safety comes from the run directories (alignment/runs.py): a run with a `DONE` marker is finished and is
 skipped; a run directory without one is continued with `resume=true` when the entry point has a `resume` key
 (else it is moved to `incomplete/` and started again). So a sweep killed at any point and run again does only what
-was missing, and a rerun of a finished sweep launches nothing and only rewrites the table. On Linux every child
+was missing, and a rerun of a finished sweep launches nothing and only rewrites the table. A run whose resolved
+config changed since it ran (its base config edited) is moved to `stale/` and run again. On Linux every child
 asks the kernel to kill it when the sweep dies (PR_SET_PDEATHSIG), so a killed sweep leaves no run behind that a
 rerun would race with. A file lock refuses a second sweep on the same directory.
 
@@ -33,9 +34,9 @@ sweep links `runs/<sweep>/cache` to `runs/cache`, so its runs reuse what `python
 built instead of rebuilding it once per sweep.
 
 Files in runs/<sweep>/: one directory per run, `logs/<run>.log` (the child's output), `sweep.yaml` (the resolved
-sweep config), `plan.json` (every run's overrides and command), and the aggregate of the runs' results.json:
-`runs.csv` (one row per run), `summary.csv` and `summary.md` (one row per cell: mean and 95% interval across
-seeds of each metric) and `plots/<metric>.png` (each metric against each swept key, with error bars). Metrics
+sweep config), `plan.json` (every run's overrides, command and config fingerprint), and the aggregate of the runs'
+results.json: `runs.csv` (one row per run), `summary.csv` and `summary.md` (one row per cell: mean and 95% interval
+across seeds of each metric) and `plots/<metric>.png` (each metric against each swept key, with error bars). Metrics
 are dotted paths into results.json (`differences.RAG+APC-DPO - RAG.oracle.mean`); `{key}` in a path is replaced
 by the run's config value (`table.all.{method}.win_rate.mean`).
 """
@@ -113,6 +114,7 @@ class PlannedRun:
     overrides: dict[str, Any]  # flat dotted keys, as the sweep config gives them
     args: list[str]
     axes: dict[str, Any] = field(default_factory=dict)  # resolved value of every swept key in this run's config
+    fingerprint: str = ""  # of the resolved config, where it is written aside: a changed base config changes it
 
 
 @dataclass
@@ -235,12 +237,13 @@ def plan_sweep(cfg: SweepConfig) -> Plan:
             except ConfigError as exc:
                 raise ConfigError(f"{exc} ({origin})") from None
             # Two cells that resolve to one config (x: 1 and x: 1.0) would be one experiment run twice.
-            same = json.dumps({**resolved, "name": None}, sort_keys=True, default=str)
+            same = json.dumps({**resolved, "name": None, "runs_dir": None}, sort_keys=True, default=str)
             for fingerprint in (same, name):
                 if seen.setdefault(fingerprint, (i, origin))[0] != i:
                     raise ConfigError(f"{origin}: the same run as {seen[fingerprint][1]} ({name})")
             runs.append(PlannedRun(name, run_name(overrides, None), seed, overrides, ["-m", cfg.entry, *base, *items],
-                                   {key: dig(resolved, key) for key in keys}))
+                                   {key: dig(resolved, key) for key in keys},
+                                   hashlib.sha256(same.encode()).hexdigest()[:16]))
     axes = [key for key in keys if len({cli_value(run.axes[key]) for run in runs}) > 1]
     for run in runs:
         run.axes = {key: run.axes[key] for key in axes}
@@ -272,6 +275,24 @@ def run_state(directory: Path, resumable: bool) -> RunState:
     if not directory.exists():
         return "new"
     return "resume" if resumable and (directory / "meta.json").is_file() else "restart"
+
+
+def set_aside_stale(plan: Plan) -> None:
+    """Move to stale/ every run whose resolved config changed since the last invocation planned it (its base config
+    edited, say), so that it runs again: a finished run of another config must not enter the table. Compares with
+    the fingerprints of the previous plan.json; code changes are not seen, only configs."""
+    try:
+        before = {r["name"]: r.get("fingerprint")
+                  for r in json.loads((plan.sweep_dir / "plan.json").read_text())["runs"]}
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return
+    for run in plan.runs:
+        directory, old = plan.sweep_dir / run.name, before.get(run.name)
+        if old and old != run.fingerprint and directory.exists():
+            aside = plan.sweep_dir / "stale" / f"{run.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
+            aside.parent.mkdir(exist_ok=True)
+            directory.rename(aside)
+            log.warning("%s: its config changed since it ran; moved to %s, running it again", run.name, aside)
 
 
 class Handle(Protocol):
@@ -617,9 +638,10 @@ def main(cfg: SweepConfig) -> Path:
         if not (sweep_dir / "cache").is_symlink() and not (sweep_dir / "cache").exists():
             (sweep_dir / "cache").symlink_to(Path("..") / "cache", target_is_directory=True)
         save_config(cfg, sweep_dir / "sweep.yaml")
+        set_aside_stale(plan)
         write_json(sweep_dir / "plan.json", {"entry": plan.entry, "axes": plan.axes, "runs": [
-            {"name": r.name, "cell": r.cell, "seed": r.seed, "overrides": r.overrides, "command": ["python", *r.args]}
-            for r in plan.runs]})
+            {"name": r.name, "cell": r.cell, "seed": r.seed, "overrides": r.overrides, "command": ["python", *r.args],
+             "fingerprint": r.fingerprint} for r in plan.runs]})
 
         # --- run what is missing
         slots = max(1, thread_budget(cfg) // cfg.threads_per_run)

@@ -302,6 +302,28 @@ def test_sweep_runs_every_cell_within_the_thread_budget_and_a_rerun_does_nothing
     assert (sweep_dir / "summary.md").exists()  # but the table is written again
 
 
+def test_a_run_whose_base_config_changed_runs_again_and_the_old_one_is_set_aside(fake):
+    (fake / "base.yaml").write_text("mode: a\n")
+    write_sweep(fake, """\
+        name: c
+        entry: fake_entry
+        base: base.yaml
+        grid: {x: [1, 2]}
+        metrics: [score.value]
+        threads: 2
+    """)
+    sweep_dir = run_cli(SweepConfig, main, ["config=sweep.yaml"])
+    assert len(invocations(sweep_dir)) == 2
+    (fake / "base.yaml").write_text("mode: b\n")  # the experiment changed; the run names did not
+    run_cli(SweepConfig, main, ["config=sweep.yaml"])
+    assert len(invocations(sweep_dir)) == 4  # both ran again
+    summary = {row["cell"]: float(row["mean(score.value)"]) for row in read_csv(sweep_dir / "summary.csv")}
+    assert summary == pytest.approx({"x=1": 3.0, "x=2": 5.0})  # mode b adds 1: no finished mode-a run reused
+    assert sorted(p.name.split("-")[0] for p in (sweep_dir / "stale").iterdir()) == ["x=1,seed=0", "x=2,seed=0"]
+    run_cli(SweepConfig, main, ["config=sweep.yaml"])
+    assert len(invocations(sweep_dir)) == 4  # unchanged since: nothing runs
+
+
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie (a killed orphan stays a zombie until init reaps it)."""
     try:
