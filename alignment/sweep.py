@@ -114,7 +114,7 @@ class PlannedRun:
     overrides: dict[str, Any]  # flat dotted keys, as the sweep config gives them
     args: list[str]
     axes: dict[str, Any] = field(default_factory=dict)  # resolved value of every swept key in this run's config
-    fingerprint: str = ""  # of the resolved config, where it is written aside: a changed base config changes it
+    fingerprint: str = ""  # of the resolved config without name and runs_dir: an edited base config changes it
 
 
 @dataclass

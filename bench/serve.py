@@ -200,12 +200,11 @@ def offline(policy: Path, requests: list[dict], new_tokens: int, args) -> dict:
     """The same prompts through `generate` directly, in batches of args.batch (no HTTP, no queue)."""
     from alignment.config import ModelConfig
     from alignment.models import load_causal_lm, load_tokenizer
-    from decoding.generate import encode_prompts, generate
+    from decoding.generate import encode_prompts, generate, stop_ids
 
     tok = load_tokenizer(policy)
     model = load_causal_lm(ModelConfig(name_or_path=str(policy), dtype=args.dtype, device=args.device), tok)
-    eos = model.generation_config.eos_token_id
-    eos = [tok.eos_token_id] if eos is None else eos if isinstance(eos, list) else [eos]
+    eos = stop_ids(model, tok)  # the server's stop tokens
     ids, mask = encode_prompts(tok, [r["messages"] for r in requests[:args.batch]], model.device)
     generate(model, ids, mask, max_new_tokens=4, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # warm
     tokens, latencies, t0 = 0, [], time.perf_counter()

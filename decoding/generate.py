@@ -143,6 +143,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rule=
     return torch.stack(list(decode_steps(model, input_ids, attention_mask, rule, **kw)), dim=1)
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a row: the generation config's EOS id(s) and the tokenizer's EOS."""
+    config = getattr(model, "generation_config", None)
+    eos = config.eos_token_id if config is not None else None
+    ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    return sorted(ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+
+
 def encode_prompts(tokenizer, messages: list[list[dict]], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Chat prompts (with the assistant header) as left-padded (B, L) ids and mask."""
     from alignment.sampling import render_prompt

@@ -47,7 +47,9 @@ class GuideRule:
         row_user[index.flatten()] = torch.arange(len(index)).repeat_interleave(index.shape[1])
         if (row_user < 0).any():
             raise ValueError(f"guide rows {torch.nonzero(row_user < 0).flatten().tolist()} belong to no user")
-        self.guide, self.combine, self.index, self.row_user = guide, combine, index, row_user
+        # on the guide's device once, not copied there at every step
+        self.guide, self.combine = guide, combine
+        self.index, self.row_user = index.to(guide.device), row_user.to(guide.device)
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         B, V = scores.shape
@@ -55,7 +57,7 @@ class GuideRule:
         if len(self.index) != B or g.shape[-1] != V:
             raise ValueError(f"guide logits {tuple(g.shape)} for {len(self.index)} users do not match scores "
                              f"{tuple(scores.shape)}")
-        g = g[self.index.to(g.device)].to(scores.device)  # (B, c, V)
+        g = g[self.index].to(scores.device)  # (B, c, V)
         return combiners.keep_masked(scores, self.combine(scores, g if g.shape[1] > 1 else g[:, 0]))
 
     def advance(self, tokens: torch.Tensor) -> None:

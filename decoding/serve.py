@@ -121,6 +121,7 @@ def load_server(cfg: ServeConfig) -> Server:
     from alignment.config import ModelConfig
     from alignment.models import load_causal_lm, load_sequence_classifier, load_tokenizer
     from alignment.sft import starting_policy
+    from decoding.generate import stop_ids
     from decoding.personalization import Guidance
     from decoding.profiles import Profiles
     from decoding.scheduler import Engine
@@ -148,10 +149,8 @@ def load_server(cfg: ServeConfig) -> Server:
     guidance = Guidance(tokenizer, base, guides, drift, cfg.drift_guide,
                         {"pad": s.pad, "drift": s.drift, "genarm": s.genarm, "args": s.args},
                         cfg.pad_top_k, cfg.args_top_k, cfg.guides_dir)
-    eos = base.generation_config.eos_token_id if base.generation_config is not None else None
     engine = Engine(guidance, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
-                    batch_wait_s=cfg.batch_wait_ms / 1000,
-                    eos_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos))
+                    batch_wait_s=cfg.batch_wait_ms / 1000, eos_ids=stop_ids(base, tokenizer))
     name = cfg.model_name or ("persona-world-sft" if cfg.policy is None else Path(policy.rstrip("/")).name)
     return Server(cfg, guidance, engine, Profiles(cfg.db), name, getattr(base.config, "max_position_embeddings", None))
 
