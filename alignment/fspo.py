@@ -12,9 +12,12 @@ personalize from a few examples, with no user embedding and no test-time gradien
 1. Users split user-disjoint (the world's train/val/test; adapter data by seeded fractions `data.users`).
 2. Episodes per user (`alignment.shots`): k ~ U{k_min..k_max} per episode, shots rendered into the prompt through
    the chat template, whole shots dropped to fit `max_length`; dropped shots and examples are counted.
-3. Targets: the user's own labelled pair (`targets=pairs`, off-policy), or `samples` responses of the starting
-   policy to the few-shot prompt ranked by the user's true reward, best vs worst (`targets=on_policy`, the world
-   only: like FSPO's synthetic pipeline, with the world's oracle as the labeller).
+3. Targets: the user's own labelled pair (`targets=pairs`, off-policy); `samples` responses of the stage-1 policy
+   to the few-shot prompt ranked by the user's true reward, best vs worst (`targets=on_policy`); or `samples`
+   responses of the starting policy with the user's stated preferences in its system turn, ranked the same way
+   (`targets=persona`: FSPO's synthetic pipeline, a persona-conditioned generator and a labeller that knows the
+   user; the few-shot policy learns to write them from the shots alone, and stage 1 trains on them). The last two
+   need the world (its oracle is the labeller); train users' personas are used, never a held-out user's.
 4. Reference log-probs computed once and cached in the run (ref_logps.safetensors); the few-shot prompt is run
    once per pair and its KV cache shared by chosen and rejected (`shared_prompt_logps`).
 5. DPO (sigmoid) or IPO (`alignment.losses`; IPO on length-averaged log-probs) over a seeded order, with
@@ -75,8 +78,8 @@ class FSPOConfig:
     episodes_per_user: int = 8  # training episodes per train user
     targets_per_shots: int = 4  # episodes per drawn shot set: they share one forward of the few-shot prefix
     val_episodes_per_user: int = 2  # episodes per val/test user for the held-out implicit-reward accuracy
-    targets: Literal["pairs", "on_policy"] = "pairs"  # the user's labelled pair, or ranked samples of the policy
-    samples: int = 4  # on_policy: responses sampled per episode; chosen/rejected = best/worst by true reward
+    targets: Literal["pairs", "on_policy", "persona"] = "pairs"  # labelled pair, or ranked samples (step 3 above)
+    samples: int = 4  # on_policy/persona: responses sampled per episode; chosen/rejected = best/worst by true reward
     describe: bool = False  # user-description variant: the completion is "<description> <response>"
     loss: Literal["sigmoid", "ipo"] = "ipo"
     beta: float = 0.1  # IPO on per-token averages targets a margin of 1 / (2 beta) nats per token
@@ -87,8 +90,8 @@ class FSPOConfig:
     epochs: int = 2
     batch_size: int = 16
     max_length: int = 768  # prompt + completion tokens; whole shots are dropped to fit
-    temperature: float = 1.0  # on_policy sampling
-    max_new_tokens: int = 96  # on_policy sampling (world responses: 33 tokens on average, 71 at most)
+    temperature: float = 1.0  # on_policy/persona sampling
+    max_new_tokens: int = 96  # on_policy/persona sampling (world responses: 33 tokens on average, 71 at most)
     log_every: int = 10
     checkpoint_every: int = 100
     evaluate: bool = True  # run the held-out-user evaluation at the end (false inside the population baseline)
@@ -169,22 +172,28 @@ def as_pair(row: dict):
 
 
 # --- targets ----------------------------------------------------------------------------------------------------
-def on_policy_targets(cfg: FSPOConfig, episodes: list, policy, tokenizer, reward) -> tuple[list, int]:
-    """Replace each episode's target pair by the best and worst of `samples` policy responses to its few-shot
-    prompt, ranked by the user's true reward `reward(user_id, prompt_id, text)`. The prompt is first fitted to
-    leave room for `max_new_tokens` (whole shots dropped, as in training). Episodes whose samples all tie are
-    dropped (returned count)."""
-    from alignment.eval_fspo import sample_by_length
+def on_policy_targets(cfg: FSPOConfig, episodes: list, policy, tokenizer, reward,
+                      persona: dict[str, str] | None = None) -> tuple[list, int]:
+    """Replace each episode's target pair by the best and worst of `samples` policy responses, ranked by the user's
+    true reward `reward(user_id, prompt_id, text)`. The policy answers the few-shot prompt, first fitted to leave
+    room for `max_new_tokens` (whole shots dropped, as in training); with `persona` (user -> stated preferences) it
+    answers the target's own prompt with the user's persona in the system turn instead, and the shots are kept as
+    drawn. Episodes whose samples all tie are dropped (returned count)."""
+    from alignment.eval_fspo import sample_by_length, with_persona
     from alignment.shots import FORMATS, fit_prompt, kept_shots
 
     fmt, budget = FORMATS[cfg.format], cfg.max_length - cfg.max_new_tokens - 1
-    fitted = [(e, fit_prompt(tokenizer, fmt, e.shots, e.target.prompt, cfg.describe, budget)) for e in episodes]
-    episodes = [kept_shots(e, f[1]) for e, f in fitted if f is not None]
-    prompts = [fmt.prompt(e.shots, e.target.prompt, cfg.describe) for e in episodes]
+    if persona is None:
+        fitted = [(e, fit_prompt(tokenizer, fmt, e.shots, e.target.prompt, cfg.describe, budget)) for e in episodes]
+        kept_episodes = [kept_shots(e, f[1]) for e, f in fitted if f is not None]
+        prompts = [fmt.prompt(e.shots, e.target.prompt, cfg.describe) for e in kept_episodes]
+    else:
+        kept_episodes = episodes
+        prompts = [with_persona(e.target.prompt, persona[e.user_id]) for e in episodes]
     samples = sample_by_length(policy, tokenizer, prompts, n=cfg.samples, temperature=cfg.temperature,
                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    kept, ties = [], len(fitted) - len(episodes)
-    for episode, responses in zip(episodes, samples, strict=True):
+    kept, ties = [], len(episodes) - len(kept_episodes)
+    for episode, responses in zip(kept_episodes, samples, strict=True):
         rewards = [reward(episode.user_id, episode.target.prompt_id, r) for r in responses]
         best, worst = int(np.argmax(rewards)), int(np.argmin(rewards))
         if rewards[best] == rewards[worst]:
@@ -430,6 +439,26 @@ def pref_ft_stage(cfg: FSPOConfig, run, base, episodes: list, tokenizer, persona
     return model
 
 
+def ranked_targets(cfg: FSPOConfig, run, episodes: list, policy, tokenizer, world: dict,
+                   persona: dict[str, str] | None = None) -> list:
+    """`on_policy_targets` with the world's true reward, episodes that tie counted in the run's meta. Persona
+    targets are written to `persona_episodes.jsonl` and read back on resume (stage 1 trains on them)."""
+    from alignment.eval_fspo import true_reward_fn
+    from alignment.records import Episode, read_jsonl, write_jsonl
+
+    cache = run.path("persona_episodes.jsonl") if persona is not None else None
+    if cache is not None and cache.exists():
+        return read_jsonl(cache, Episode)
+    kept, ties = on_policy_targets(cfg, episodes, policy, tokenizer, true_reward_fn(world), persona)
+    run.add_meta(f"{cfg.targets}_dropped", ties)
+    if not kept:
+        raise RuntimeError(f"targets={cfg.targets}: the samples of all {len(episodes)} episodes tie in true reward "
+                           "(an untrained policy writes only invalid text); train the starting policy longer")
+    if cache is not None:
+        write_jsonl(cache, kept)
+    return kept
+
+
 def lr_lambda(total: int):
     return lambda step: 1.0 - step / max(total, 1)
 
@@ -449,8 +478,8 @@ def main(cfg: FSPOConfig) -> Path:
     # --- setup
     if not 0 <= cfg.k_min <= cfg.k_max:
         raise ValueError(f"k_min, k_max: need 0 <= k_min <= k_max, got {cfg.k_min}, {cfg.k_max}")
-    if cfg.targets == "on_policy" and cfg.data is not None:
-        raise ValueError("targets=on_policy needs the world's true rewards; adapter data has labelled pairs only")
+    if cfg.targets != "pairs" and cfg.data is not None:
+        raise ValueError(f"targets={cfg.targets} needs the world's true rewards; adapter data has labelled pairs only")
     run = Run.start(cfg, "fspo", runs_dir=cfg.runs_dir, name=cfg.name, resume=cfg.resume)
     seed_everything(cfg.seed)
     world_dir, policy_dir = prerequisites(cfg)
@@ -475,17 +504,12 @@ def main(cfg: FSPOConfig) -> Path:
     rng = np.random.default_rng(cfg.seed)
     episodes = sample_episodes(users.shots["train"], cfg.episodes_per_user, cfg.k_min, cfg.k_max, rng,
                                targets_per_shots=cfg.targets_per_shots)
+    if cfg.targets == "persona":  # the teacher's targets come first: stage 1 trains on them
+        episodes = ranked_targets(cfg, run, episodes, base, tokenizer, world, users.persona)
     start = pref_ft_stage(cfg, run, base, episodes, tokenizer, users.persona) if cfg.sft_epochs else base
     if not run.path("episodes.jsonl").exists():
         if cfg.targets == "on_policy":
-            from alignment.eval_fspo import true_reward_fn
-
-            sampled = len(episodes)
-            episodes, ties = on_policy_targets(cfg, episodes, start, tokenizer, true_reward_fn(world))
-            run.add_meta("on_policy_dropped", ties)
-            if not episodes:
-                raise RuntimeError(f"targets=on_policy: the samples of all {sampled} episodes tie in true reward "
-                                   "(an untrained policy writes only invalid text); train the starting policy longer")
+            episodes = ranked_targets(cfg, run, episodes, start, tokenizer, world)
         kept, counts = encode_episodes(cfg, episodes, tokenizer, users.persona)
         run.add_meta("budget", counts)
         log.info("episodes: %s", counts)

@@ -158,6 +158,31 @@ def test_on_policy_targets_are_the_best_and_worst_sample_by_the_users_reward(mon
     assert (kept[0].target.chosen_reward, kept[0].target.rejected_reward) == (2.0, 0.0)
 
 
+def test_persona_targets_are_sampled_with_the_users_persona_and_keep_the_shots(monkeypatch, tiny_tokenizer):
+    import alignment.sampling
+    from alignment.fspo import on_policy_targets
+
+    seen = []
+
+    def fake_sample(model, tokenizer, prompts, **kw):
+        seen.extend(prompts)
+        return [["a", "bb"] for _ in prompts]
+
+    monkeypatch.setattr(alignment.sampling, "sample_responses", fake_sample)
+    system = {"role": "system", "content": "i am ann ."}
+    shot = PreferencePair(user_id="u", prompt=[{"role": "user", "content": "yo"}], chosen="s+", rejected="s-")
+    target = PreferencePair(user_id="u", prompt=[system, {"role": "user", "content": "hey"}], chosen="c",
+                            rejected="r", prompt_id="p")
+    episodes = [Episode(user_id="u", shots=[shot] * 40, target=target)]  # far over max_length: nothing is dropped
+    cfg = FSPOConfig(samples=2, max_length=64, max_new_tokens=8, targets="persona")
+    kept, dropped = on_policy_targets(cfg, episodes, None, tiny_tokenizer, lambda u, p, text: float(len(text)),
+                                      persona={"u": "the user likes jokes ."})
+    assert seen == [[{"role": "system", "content": "i am ann . the user likes jokes ."},
+                     {"role": "user", "content": "hey"}]]
+    assert dropped == 0 and len(kept[0].shots) == 40
+    assert (kept[0].target.chosen, kept[0].target.rejected) == ("bb", "a")
+
+
 def test_rejected_description_is_another_users_and_stable():
     persona = {"u1": "the user likes jokes .", "u2": "the user likes jokes .", "u3": "the user dislikes jokes ."}
     target = PreferencePair(user_id="u1", prompt=[{"role": "user", "content": "hey"}], chosen="c", rejected="r")
