@@ -11,13 +11,22 @@ token; left and right padding give the same score). They differ in how the user 
 
     population  no user information: the baseline every personalized method must beat (PersonalRewardBench's FT RM)
     persona     the user's persona text appended to the system turn (SynthesizeMe-style FT RM + persona)
-    shots       k of the user's labelled pairs in context, each compressed to ONE context token: the difference
-                h(y+) - h(y-) of the backbone's last hidden states over the two responses' differing tokens,
-                fed as an input embedding in front of the conversation (a GPO/ICL-style set input, §6.3 item 7);
-                k ~ U{0..k_max} in training. Flipping a label negates its context token, so the label-flip rate
-                measures how much the model uses its context. Text shots (`<|chosen|> y+ <|rejected|> y-`, 33 tokens
-                a shot) were tried first: after 400 steps (7 min) they flipped 0.7% of predictions; this form flips
-                75% after 400 steps (3.5 min) at a quarter of the cost per step.
+    shots       k of the user's labelled pairs in context (k ~ U{0..k_max} in training, episodes of one user),
+                read without any test-time fitting; `shot_readout` picks how they enter:
+                kernel (default): the head outputs a reward r and D basis rewards b; the context is the shots'
+                  mean basis difference z = sum_j (b(y+_j) - b(y-_j)) / (k + 1), and a target's margin is
+                  r(y+) - r(y-) + z . (b(y+) - b(y-)) (`kernel_margins`): one step of the user's BT regression from
+                  the population's 0, what linear attention over the shots computes. Trained episodically end to
+                  end, so b is learned to make that step useful.
+                tokens: each shot compressed to ONE context token h(y+) - h(y-) (the backbone's last hidden states
+                  over the two responses' differing tokens), fed as an input embedding in front of the
+                  conversation (a GPO/ICL-style set input, §6.3 item 7); the transformer reads them by attention.
+                Flipping a label negates its shot's vector in both, so the label-flip rate measures how much the
+                model uses its context. Controversial regime, 800 steps, unseen users, k = 8: kernel 73.3% accuracy,
+                flip rate 85.5%; tokens 64.8%, 54.1% (its flip rate was 75% after 400 steps and fell as it learned
+                the population direction). Consensus regime: kernel 83.8% (population BT 84.1, -0.3 [-1.1, 0.4]),
+                tokens 84.2%; neither gains from the shots there (the weights method does, +1.3). Text shots (`<|chosen|> y+ <|rejected|> y-`, 33 tokens a shot), tried
+                first, flipped 0.7% of predictions after 400 steps.
     weights     the backbone outputs D basis rewards phi; r_u = w_u . phi with per-user weights learned jointly on
                 the training users (LoRe, arXiv:2504.14439), then a population prior over w fitted on them and a
                 new user adapted from k pairs by MAP without retraining the backbone (`rewards/user_weights.py`)
@@ -83,8 +92,9 @@ class PersonaRMConfig:
     max_length: int = 256  # tokens of a conversation; longer prompts are cut from the left
     k_max: int = 16  # shots: k ~ U{0..k_max} in training
     swap_users: float = 0.0  # shots: share of training episodes with every label swapped (SPL's opposing users)
+    shot_readout: Literal["kernel", "tokens"] = "kernel"  # shots: how the context enters (module docstring)
     shot_tokens: int = 48  # shots: each side of a shot keeps at most this many differing tokens
-    basis: int = 8  # weights: D, the number of basis rewards
+    basis: int = 8  # weights, and shots' kernel readout: D, the number of basis rewards
     user_scale: float = 1.0  # weights: std of a user's deviation from the mean weights while training
     user_lr: float = 0.1  # weights: peak lr of the user weights (Adam moves a weight ~lr per step; margins need ~5)
     prior_components: int = 1  # weights: Gaussians in the population prior (1: N(mu, Sigma))
@@ -253,6 +263,23 @@ def score_in_context(model, contexts: list[torch.Tensor], targets: list[list[lis
                  position_ids=positions.to(model.device)).logits.float()
 
 
+def kernel_margins(phi_targets: list[torch.Tensor], phi_shots: list[torch.Tensor]) -> torch.Tensor:
+    """shots, kernel readout: (sum_u n_u,) margins of each user's target pairs given that user's shots.
+
+    `phi_targets[u]` (2 n_u, 1 + D) and `phi_shots[u]` (2 k_u, 1 + D) are head outputs [r, b_1..b_D] of user u's
+    (chosen, rejected) conversations, interleaved c0 r0 c1 r1 .... The user's weights over the basis are read off
+    the shots: z_u = sum_j d_j / (k_u + 1), d_j = b(chosen_j) - b(rejected_j), the mean shot difference shrunk
+    toward the population's 0 as if one more shot without a difference were there. A target's margin is
+    (r(y+) - r(y-)) + z_u . (b(y+) - b(y-)). Flipping a shot's label negates its d_j exactly."""
+    out = []
+    for targets, shots in zip(phi_targets, phi_shots, strict=True):
+        d = shots[0::2, 1:] - shots[1::2, 1:]
+        z = d.sum(0) / (len(d) + 1)
+        diff = targets[0::2] - targets[1::2]
+        out.append(diff[:, 0] + diff[:, 1:] @ z)
+    return torch.cat(out)
+
+
 def bt_loss(margins: torch.Tensor) -> torch.Tensor:
     """Bradley-Terry negative log-likelihood -log sigmoid(r+ - r-), mean over pairs; margins (N,)."""
     return -torch.nn.functional.logsigmoid(margins).mean()
@@ -354,8 +381,8 @@ def train_weights(model, tokenizer, data, cfg, run, tag: str) -> dict:
 
 
 def train_shots(model, tokenizer, data, cfg, run, tag: str) -> dict:
-    """shots: episodes of one training user: k ~ U{0..k_max} of their pairs as context vectors, and
-    `episode_targets` other pairs of theirs scored after them. Gradients reach the backbone through both."""
+    """shots: episodes of one training user: k ~ U{0..k_max} of their pairs as context (`shot_readout`), and
+    `episode_targets` other pairs of theirs scored given it. Gradients reach the backbone through both."""
     users = data.user_ids("train")
     encode = lambda p: [conversation_ids(tokenizer, p["prompt"], p[s], cfg.max_length) for s in ("chosen", "rejected")]
     targets = {u: [encode(p) for p in data.pairs[(u, "context")]] for u in users}
@@ -372,10 +399,17 @@ def train_shots(model, tokenizer, data, cfg, run, tag: str) -> dict:
             shots.append([flipped(pool[i]) if swap else pool[i] for i in order[:k]])
             rows.append([t for i in order[k:k + cfg.episode_targets] for t in targets[u][i]])  # c0 r0 c1 r1 ...
             signs += [-1.0 if swap else 1.0] * len(rows[-1][::2])
-        vectors = shot_vectors(model, tokenizer, [s for user in shots for s in user], cfg.shot_tokens)
-        contexts = list(vectors.split([len(user) for user in shots]))
-        scores = score_in_context(model, contexts, rows, tokenizer.pad_token_id)[:, 0]
-        return bt_loss(torch.tensor(signs, device=scores.device) * (scores[0::2] - scores[1::2]))
+        if cfg.shot_readout == "kernel":
+            shot_rows = [[t for p in user for t in encode(p)] for user in shots]
+            phi = score(model, [t for r in [*rows, *shot_rows] for t in r], tokenizer.pad_token_id)
+            phi = phi.split([len(r) for r in [*rows, *shot_rows]])
+            margins = kernel_margins(list(phi[:len(rows)]), list(phi[len(rows):]))
+        else:
+            vectors = shot_vectors(model, tokenizer, [s for user in shots for s in user], cfg.shot_tokens)
+            contexts = list(vectors.split([len(user) for user in shots]))
+            scores = score_in_context(model, contexts, rows, tokenizer.pad_token_id)[:, 0]
+            margins = scores[0::2] - scores[1::2]
+        return bt_loss(torch.tensor(signs, device=margins.device) * margins)
 
     return {"fit": fit(model, [], loss_fn, cfg.steps[tag], cfg, run, tag)}
 
@@ -383,7 +417,8 @@ def train_shots(model, tokenizer, data, cfg, run, tag: str) -> dict:
 METHODS = {  # name -> (head outputs, trainer)
     "population": (lambda cfg: ["reward"], lambda *a: train_text(*a, persona=False)),
     "persona": (lambda cfg: ["reward"], lambda *a: train_text(*a, persona=True)),
-    "shots": (lambda cfg: ["reward"], train_shots),
+    "shots": (lambda cfg: ["reward"] + ([f"basis_{i}" for i in range(cfg.basis)] if cfg.shot_readout == "kernel"
+                                        else []), train_shots),
     "weights": (lambda cfg: [f"basis_{i}" for i in range(cfg.basis)], train_weights),
 }
 
@@ -410,15 +445,19 @@ class TextScorer:
 
 
 class ShotScorer:
-    """shots: each request's shots as context vectors in front of every target conversation."""
+    """shots: each request's targets scored given its shots, by the model's `shot_readout`."""
 
     uses_shots = True
 
     def __init__(self, model, tokenizer, cfg: PersonaRMConfig, users_per_batch: int = 4):
         self.model, self.tok, self.cfg, self.users_per_batch = model, tokenizer, cfg, users_per_batch
+        self.heads = HeadOutputs(model, tokenizer, cfg)  # the kernel readout's
 
     @torch.inference_mode()
     def margins(self, requests) -> list[np.ndarray]:
+        if self.cfg.shot_readout == "kernel":
+            margins = kernel_margins([self.heads(r.targets) for r in requests], [self.heads(r.shots) for r in requests])
+            return _split(margins.cpu().numpy(), [len(r.targets) for r in requests])
         out = []
         for i in range(0, len(requests), self.users_per_batch):
             group = requests[i:i + self.users_per_batch]
@@ -431,28 +470,40 @@ class ShotScorer:
         return out
 
 
+class HeadOutputs:
+    """(2n, L) head outputs of pairs' conversations, chosen and rejected interleaved; each conversation is scored
+    once (the k sweep and the flipped shots reuse them)."""
+
+    def __init__(self, model, tokenizer, cfg: PersonaRMConfig, batch: int = 256):
+        self.model, self.tok, self.cfg, self.batch = model, tokenizer, cfg, batch
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    @torch.inference_mode()
+    def __call__(self, pairs: list[dict]) -> torch.Tensor:
+        keys = [tuple(conversation_ids(self.tok, p["prompt"], p[s], self.cfg.max_length))
+                for p in pairs for s in ("chosen", "rejected")]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
+        for i in range(0, len(todo), self.batch):
+            chunk = todo[i:i + self.batch]
+            self._cache.update(zip(chunk, score(self.model, [list(k) for k in chunk], self.tok.pad_token_id),
+                                   strict=True))
+        if not keys:
+            return torch.zeros(0, self.model.config.num_labels)
+        return torch.stack([self._cache[k] for k in keys]).cpu()
+
+
 class WeightScorer:
     """weights: basis differences of shots and targets; w adapted from the shots under the population prior."""
 
     uses_shots = True
 
     def __init__(self, model, tokenizer, cfg: PersonaRMConfig, prior, batch: int = 256):
-        self.model, self.tok, self.cfg, self.prior, self.batch = model, tokenizer, cfg, prior, batch
-        self._phi: dict[tuple, torch.Tensor] = {}  # basis rewards by conversation: the k sweep reuses them
+        self.prior = prior
+        self.heads = HeadOutputs(model, tokenizer, cfg, batch)
 
-    @torch.inference_mode()
     def diffs(self, pairs: list[dict]) -> torch.Tensor:
         """(n, D) phi(chosen) - phi(rejected)."""
-        keys = [tuple(conversation_ids(self.tok, p["prompt"], p[s], self.cfg.max_length))
-                for p in pairs for s in ("chosen", "rejected")]
-        todo = list(dict.fromkeys(k for k in keys if k not in self._phi))
-        for i in range(0, len(todo), self.batch):
-            chunk = todo[i:i + self.batch]
-            self._phi.update(zip(chunk, score(self.model, [list(k) for k in chunk], self.tok.pad_token_id),
-                                 strict=True))
-        if not keys:
-            return torch.zeros(0, self.prior.means.shape[1], dtype=torch.float64)
-        phi = torch.stack([self._phi[k] for k in keys]).cpu().double()
+        phi = self.heads(pairs).double()
         return phi[0::2] - phi[1::2]
 
     def margins(self, requests) -> list[np.ndarray]:
@@ -481,7 +532,12 @@ def load_scorers(run_dir: str | Path, cfg: PersonaRMConfig, tokenizer=None, meth
         path = Path(run_dir) / method
         tok = tokenizer or load_tokenizer(str(path / "model"))
         model_cfg = replace(cfg.model, name_or_path=str(path / "model"), preset=None, lora=None)
-        model = load_sequence_classifier(model_cfg, tok, METHODS[method][0](cfg))
+        labels = METHODS[method][0](cfg)
+        saved = len(json.loads((path / "model" / "config.json").read_text()).get("id2label") or labels)
+        if saved != len(labels):  # e.g. shots trained with another shot_readout (the default changed)
+            raise ValueError(f"{path / 'model'}: {saved} head outputs, but {method} with this config has {len(labels)}"
+                             f" (shot_readout={cfg.shot_readout}, basis={cfg.basis}); set them as the run was trained")
+        model = load_sequence_classifier(model_cfg, tok, labels)
         state = json.loads((path / "state.json").read_text())
         out[method] = make_scorer(method, model, tok, cfg, state)
     return out

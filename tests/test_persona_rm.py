@@ -12,14 +12,17 @@ import json
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from rewards import user_weights as uw
 from rewards.persona_rm import (
     PersonaRMConfig,
+    conversation_ids,
     flipped,
     from_adapter,
+    kernel_margins,
     pad,
     score,
     score_in_context,
@@ -197,6 +200,38 @@ def test_context_passes_gradients_to_the_shot_encoder(classifier, tok):
     assert classifier.get_input_embeddings().weight.grad[lyon].abs().sum() > 0  # a shot-only token
 
 
+def test_kernel_margins_read_the_users_weights_off_the_shots():
+    gen = torch.Generator().manual_seed(0)
+    targets = [torch.randn(4, 3, generator=gen), torch.randn(2, 3, generator=gen)]  # (c0 r0 c1 r1), (c0 r0)
+    shots = [torch.randn(6, 3, generator=gen), torch.zeros(0, 3)]  # user 0: k = 3, user 1: k = 0
+    margins = kernel_margins(targets, shots)
+    d = shots[0][0::2, 1:] - shots[0][1::2, 1:]
+    z = d.sum(0) / 4  # three shots and one of no difference
+    expected = [targets[0][2 * i, 0] - targets[0][2 * i + 1, 0] + (targets[0][2 * i, 1:] - targets[0][2 * i + 1, 1:])
+                @ z for i in range(2)] + [targets[1][0, 0] - targets[1][1, 0]]  # k = 0: the population's margin
+    assert torch.allclose(margins, torch.stack(expected))
+    swapped = [s.view(-1, 2, 3).flip(1).reshape(-1, 3) for s in shots]  # every shot's label flipped
+    flipped_margins = kernel_margins(targets, swapped)
+    personal = margins[:2] - (targets[0][0::2, 0] - targets[0][1::2, 0])
+    assert personal.abs().min() > 0  # the check can fail
+    assert torch.allclose(flipped_margins[:2] - (targets[0][0::2, 0] - targets[0][1::2, 0]), -personal)
+
+
+def test_kernel_scorer_gives_the_training_margins(classifier, tok):
+    from alignment.eval_rm import Request
+    from rewards.persona_rm import ShotScorer
+
+    cfg = PersonaRMConfig(shot_readout="kernel", max_length=64)
+    shots = [_pair("hey ! i live in lyon !", "i live in paris ."), _pair("good day .", "hey .")]
+    targets = [_pair("i live in lyon .", "cheers ! i live in paris !")]
+    encode = lambda pairs: [conversation_ids(tok, p["prompt"], p[s], 64) for p in pairs for s in ("chosen", "rejected")]
+    with torch.no_grad():
+        expected = kernel_margins([score(classifier, encode(targets), tok.pad_token_id)],
+                                  [score(classifier, encode(shots), tok.pad_token_id)])
+    got = ShotScorer(classifier, tok, cfg).margins([Request("u", "", shots, targets)])
+    assert np.allclose(got[0], expected.numpy(), atol=1e-5)
+
+
 # --- data ---------------------------------------------------------------------------------------------------------
 def test_prism_fixture_splits_users_and_prompts():
     from alignment.adapters import prism
@@ -235,15 +270,16 @@ def _tiny_run_config(tiny_model_config, runs_dir, **kw) -> PersonaRMConfig:
 
 
 @pytest.mark.slow
-def test_smoke_every_method_trains_and_evaluates_on_a_small_world(in_tmp, tiny_model_config):
+@pytest.mark.parametrize("readout", ["kernel", "tokens"])
+def test_smoke_every_method_trains_and_evaluates_on_a_small_world(in_tmp, tiny_model_config, readout):
     from alignment.eval_rm import EvalRMConfig
     from alignment.eval_rm import main as evaluate_run
     from alignment.world import WorldSpec
-    from rewards.persona_rm import METHODS, main
+    from rewards.persona_rm import METHODS, load_scorers, main
 
     world = WorldSpec(characters=6, min_statements=8, max_statements=12, users=[10, 2, 5], train_pairs=12,
                       context_pairs=6, target_pairs=4, dialogues=100)
-    cfg = _tiny_run_config(tiny_model_config, in_tmp / "runs", world=world, prior_components=2)
+    cfg = _tiny_run_config(tiny_model_config, in_tmp / "runs", world=world, prior_components=2, shot_readout=readout)
     run_dir = main(cfg)
     results = json.loads((run_dir / "results.json").read_text())
     assert list(results["methods"]) == list(METHODS)
@@ -260,6 +296,9 @@ def test_smoke_every_method_trains_and_evaluates_on_a_small_world(in_tmp, tiny_m
     for method in METHODS:
         for k in ("0", "1", "2"):
             assert rerun["methods"][method]["unseen"][k]["micro"] == results["methods"][method]["unseen"][k]["micro"]
+    other = "tokens" if readout == "kernel" else "kernel"  # a config that does not match the saved head: one line
+    with pytest.raises(ValueError, match="head outputs, but shots"):
+        load_scorers(run_dir, replace(cfg, shot_readout=other), methods=["shots"])
 
 
 @pytest.fixture
