@@ -25,8 +25,9 @@ token; left and right padding give the same score). They differ in how the user 
                 model uses its context. Controversial regime, 800 steps, unseen users, k = 8: kernel 73.3% accuracy,
                 flip rate 85.5%; tokens 64.8%, 54.1% (its flip rate was 75% after 400 steps and fell as it learned
                 the population direction). Consensus regime: kernel 83.8% (population BT 84.1, -0.3 [-1.1, 0.4]),
-                tokens 84.2%; neither gains from the shots there (the weights method does, +1.3). Text shots (`<|chosen|> y+ <|rejected|> y-`, 33 tokens a shot), tried
-                first, flipped 0.7% of predictions after 400 steps.
+                tokens 84.2%; neither gains from the shots there (the weights method does, +1.3). Text shots
+                (`<|chosen|> y+ <|rejected|> y-`, 33 tokens a shot), tried first, flipped 0.7% of predictions after
+                400 steps.
     weights     the backbone outputs D basis rewards phi; r_u = w_u . phi with per-user weights learned jointly on
                 the training users (LoRe, arXiv:2504.14439), then a population prior over w fitted on them and a
                 new user adapted from k pairs by MAP without retraining the backbone (`rewards/user_weights.py`)
@@ -456,7 +457,8 @@ class ShotScorer:
     @torch.inference_mode()
     def margins(self, requests) -> list[np.ndarray]:
         if self.cfg.shot_readout == "kernel":
-            margins = kernel_margins([self.heads(r.targets) for r in requests], [self.heads(r.shots) for r in requests])
+            margins = kernel_margins([self.heads(r.targets) for r in requests],
+                                     [self.heads(r.shots) for r in requests])
             return _split(margins.cpu().numpy(), [len(r.targets) for r in requests])
         out = []
         for i in range(0, len(requests), self.users_per_batch):

@@ -224,7 +224,8 @@ def test_kernel_scorer_gives_the_training_margins(classifier, tok):
     cfg = PersonaRMConfig(shot_readout="kernel", max_length=64)
     shots = [_pair("hey ! i live in lyon !", "i live in paris ."), _pair("good day .", "hey .")]
     targets = [_pair("i live in lyon .", "cheers ! i live in paris !")]
-    encode = lambda pairs: [conversation_ids(tok, p["prompt"], p[s], 64) for p in pairs for s in ("chosen", "rejected")]
+    encode = lambda pairs: [conversation_ids(tok, p["prompt"], p[side], 64)
+                            for p in pairs for side in ("chosen", "rejected")]
     with torch.no_grad():
         expected = kernel_margins([score(classifier, encode(targets), tok.pad_token_id)],
                                   [score(classifier, encode(shots), tok.pad_token_id)])
