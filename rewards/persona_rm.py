@@ -16,7 +16,7 @@ token; left and right padding give the same score). They differ in how the user 
                 kernel (default): the head outputs a reward r and D basis rewards b; the context is the shots'
                   mean basis difference z = sum_j (b(y+_j) - b(y-_j)) / (k + 1), and a target's margin is
                   r(y+) - r(y-) + z . (b(y+) - b(y-)) (`kernel_margins`): one step of the user's BT regression from
-                  the population's 0, what linear attention over the shots computes. Trained episodically end to
+                  zero (no personal term), what linear attention over the shots computes. Trained episodically end to
                   end, so b is learned to make that step useful.
                 tokens: each shot compressed to ONE context token h(y+) - h(y-) (the backbone's last hidden states
                   over the two responses' differing tokens), fed as an input embedding in front of the
@@ -270,7 +270,7 @@ def kernel_margins(phi_targets: list[torch.Tensor], phi_shots: list[torch.Tensor
     `phi_targets[u]` (2 n_u, 1 + D) and `phi_shots[u]` (2 k_u, 1 + D) are head outputs [r, b_1..b_D] of user u's
     (chosen, rejected) conversations, interleaved c0 r0 c1 r1 .... The user's weights over the basis are read off
     the shots: z_u = sum_j d_j / (k_u + 1), d_j = b(chosen_j) - b(rejected_j), the mean shot difference shrunk
-    toward the population's 0 as if one more shot without a difference were there. A target's margin is
+    toward 0 (no personal term) as if one more shot without a difference were there. A target's margin is
     (r(y+) - r(y-)) + z_u . (b(y+) - b(y-)). Flipping a shot's label negates its d_j exactly."""
     out = []
     for targets, shots in zip(phi_targets, phi_shots, strict=True):
