@@ -30,8 +30,9 @@ description of the user followed by the response; chosen carries the user's own 
 description of another user from the same template (the reference's Review data used two templates, a shortcut,
 apc_fspo.md §2.2). Differences from the reference code (§2.8): user-level splits, variable k, no truncation of the
 question or of all target tokens, cached reference log-probs, shared prompt forward, seeded data order.
-Files: episodes.jsonl (records.Episode as trained on), ref_logps.safetensors, ckpt/, metrics.jsonl,
-samples.jsonl, results.json, results.md and win_rate_vs_k.png (the evaluation).
+Files: episodes.jsonl (records.Episode as trained on), persona_episodes.jsonl (targets=persona: the teacher's ranked
+targets, read back on resume), pref_ft/ (stage 1), ref_logps.safetensors, ckpt/, metrics.jsonl, samples.jsonl,
+results.json, results.md and win_rate_vs_k.png (the evaluation).
 """
 
 from __future__ import annotations
