@@ -389,7 +389,7 @@ def train_shots(model, tokenizer, data, cfg, run, tag: str) -> dict:
     targets = {u: [encode(p) for p in data.pairs[(u, "context")]] for u in users}
 
     def loss_fn(rng):
-        shots, rows, signs = [], [], []
+        shots, shot_rows, rows, signs = [], [], [], []
         for u in rng.choice(users, size=cfg.episode_users, replace=False):
             pool = data.pairs[(u, "context")]
             order = rng.permutation(len(pool))
@@ -398,12 +398,13 @@ def train_shots(model, tokenizer, data, cfg, run, tag: str) -> dict:
             # alike. Its preferences are the user's negated, so only the context tells the two apart.
             swap = rng.random() < cfg.swap_users
             shots.append([flipped(pool[i]) if swap else pool[i] for i in order[:k]])
+            # the shots' conversations (kernel readout), c0 r0 c1 r1 ...: a flipped label is the pair reversed
+            shot_rows.append([t for i in order[:k] for t in (targets[u][i][::-1] if swap else targets[u][i])])
             rows.append([t for i in order[k:k + cfg.episode_targets] for t in targets[u][i]])  # c0 r0 c1 r1 ...
             signs += [-1.0 if swap else 1.0] * len(rows[-1][::2])
         if cfg.shot_readout == "kernel":
-            shot_rows = [[t for p in user for t in encode(p)] for user in shots]
-            phi = score(model, [t for r in [*rows, *shot_rows] for t in r], tokenizer.pad_token_id)
-            phi = phi.split([len(r) for r in [*rows, *shot_rows]])
+            groups = [*rows, *shot_rows]
+            phi = score(model, [t for g in groups for t in g], tokenizer.pad_token_id).split([len(g) for g in groups])
             margins = kernel_margins(list(phi[:len(rows)]), list(phi[len(rows):]))
         else:
             vectors = shot_vectors(model, tokenizer, [s for user in shots for s in user], cfg.shot_tokens)
@@ -415,12 +416,15 @@ def train_shots(model, tokenizer, data, cfg, run, tag: str) -> dict:
     return {"fit": fit(model, [], loss_fn, cfg.steps[tag], cfg, run, tag)}
 
 
+def basis_labels(cfg: PersonaRMConfig) -> list[str]:
+    return [f"basis_{i}" for i in range(cfg.basis)]
+
+
 METHODS = {  # name -> (head outputs, trainer)
     "population": (lambda cfg: ["reward"], lambda *a: train_text(*a, persona=False)),
     "persona": (lambda cfg: ["reward"], lambda *a: train_text(*a, persona=True)),
-    "shots": (lambda cfg: ["reward"] + ([f"basis_{i}" for i in range(cfg.basis)] if cfg.shot_readout == "kernel"
-                                        else []), train_shots),
-    "weights": (lambda cfg: [f"basis_{i}" for i in range(cfg.basis)], train_weights),
+    "shots": (lambda cfg: ["reward", *(basis_labels(cfg) if cfg.shot_readout == "kernel" else [])], train_shots),
+    "weights": (basis_labels, train_weights),
 }
 
 
