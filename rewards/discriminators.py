@@ -71,6 +71,32 @@ contradicted, nearly all a statement about another slot of the same family, read
 against "hey ! i play volleyball !" at 0.99): the slot comparison is the same kind of equality and generalizes no
 better.
 
+Seed tries (`seed_tries`, `gate_step`, `gate_recall`; `train_best_of_seeds`). Since the outcome is a lottery over the
+training seed and visible early, each classifier is trained from seeds 0, 1, 2 (head initialization and batch order)
+until one reaches recall 0.9 on validation examples (fresh draws from the set's own characters; holdout characters are
+never looked at), and the best on validation is kept. A try whose mean validation recall over the classes is under 0.75
+at step 600 is abandoned there: the failing seed 0 of the seed-0 evaluator set stood at 0.65-0.66 from step 500 to 700
+(entailed/contradicted flipping between all-entailed and all-contradicted from one check to the next, so the lowest
+recall is a noisy signal), the tries that learned at 0.84-0.88. With the default world this trains the seed-0 evaluator
+set twice (seed 0 to step 600, then seed 1: 0.90/0.99/0.95 instead of 0.38/1.00/0.62). It does not help where no seed
+learns the comparison well: on the world-seed-1 reward set seeds 0, 1, 2 end at 0.63/0.99/0.39, 0.81/1.00/0.74 and
+0.72/0.99/0.83. What fails there is the single-slot value: with seed 0, validation contradicted/entailed on single-slot
+statements stays at chance in every variant below (0.46-0.52 / 0.53-0.64) while opinions are read perfectly. Also tried
+on that set this session (seed 0, 1200 steps; holdout recall, single-slot validation contradicted/entailed, phantoms):
+  - 3/4 of the triples about single slots instead of the characters' own 41%: worse, the plateau never left;
+  - the statement after the response and ending at its value (`<|assistant|> hey ! i live in rome ! <|system|> i
+    live in lyon`), so that the last token holds one value and the position before it an induction copy of the
+    response's: 0.72/0.94/0.76, single slots 0.52/0.55, 0.8 phantoms (seed-0 evaluator set, seeds 0 and 1:
+    0.86/0.93/0.82 and 0.87/0.96/0.85, no lottery but no 0.9 either, 0.8-1.2 phantoms); with `natural_train` 500
+    0.45/0.96/0.47;
+  - the statement repeated after the response without its period (`... <|end|> i live in lyon`): 0.72/0.99/0.73,
+    single slots 0.52/0.53;
+  - two more decoder layers on top of the policy, initialized as the identity (1.5x slower per step):
+    0.71/1.00/0.76, single slots 0.46/0.64.
+The information is in the body: the world-seed-1 policy's log-probability of a single-slot value after the statement
+is -1.4 when it agrees and -5.1 when it does not (91% of pairs ordered right). What the classifier fails to learn in
+the mix is to carry that comparison to the last token.
+
 Also tried and dropped: broken copies of responses as neutral examples (the oracle reads a non-sentence as asserting
 nothing), meant to stop the reward from choosing broken samples; it did not (19-33 broken chosen responses of ~830
 pairs, as before) and the reward then disagreed with the oracle on more pairs (world seed 0: 93 instead of 40 of
@@ -162,6 +188,14 @@ class DiscriminatorConfig:
     # distribution APC scores, mostly neutral. World seed 1: 200 cut the neutral statements read as contradicted per
     # response from 1.1 to 0.1 (natural neutral recall 0.953 -> 0.995), balanced recall still >= 0.9.
     natural_train: int = 200
+    # Training seeds tried per classifier (seed, seed + 1, ...; see `train_best_of_seeds`): a try whose mean
+    # validation recall over the classes is below gate_recall at gate_step is abandoned, a finished one whose lowest
+    # recall is below TARGET_RECALL is followed by the next seed, and the best on validation is kept. The last seed is
+    # never abandoned.
+    seed_tries: int = 3
+    gate_step: int = 600
+    gate_recall: float = 0.75
+    val_examples: int = 200  # per class, fresh draws from the set's own characters (validation, for the seed tries)
     max_length: int = 128  # tokens; world inputs are <= ~75
     log_every: int = 25
 
@@ -332,8 +366,9 @@ def make_examples(world: dict, split: str, what: str, n: int, seed: int) -> list
 
 # --- training and evaluation -------------------------------------------------------------------------------------
 def train_classifier(model, tokenizer, texts: list, labels: list[int], cfg: DiscriminatorConfig, steps: int,
-                     desc: str, run) -> dict:
-    """Cross-entropy on random batches, AdamW with warmup + cosine decay; returns the timing and last loss."""
+                     desc: str, run, seed: int, gate=None) -> dict:
+    """Cross-entropy on random batches (order from `seed`), AdamW with warmup + cosine decay; returns the timing and
+    last loss. `gate(model) -> bool` is asked at cfg.gate_step: on False training stops there ("abandoned_at")."""
     import inspect
 
     import torch
@@ -343,11 +378,11 @@ def train_classifier(model, tokenizer, texts: list, labels: list[int], cfg: Disc
     accepts = set(inspect.signature(model.forward).parameters)  # Llama has no token_type_ids, BERT does
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup, steps)
-    order = torch.Generator().manual_seed(cfg.seed)
+    order = torch.Generator().manual_seed(seed)
     y = torch.tensor(labels)
     model.train()
-    t0, loss = time.time(), torch.tensor(float("nan"))
-    bar = tqdm(range(steps), desc=desc)
+    t0, loss, out = time.time(), torch.tensor(float("nan")), {"steps": steps}
+    bar = tqdm(range(steps), desc=f"{desc} seed {seed}")
     for step in bar:
         idx = torch.randint(len(texts), (cfg.batch_size,), generator=order)
         batch = tokenizer([texts[i] for i in idx.tolist()], padding=True, truncation=True,
@@ -360,12 +395,66 @@ def train_classifier(model, tokenizer, texts: list, labels: list[int], cfg: Disc
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-            run.log(step + 1, **{f"{desc}/loss": loss.item(), f"{desc}/lr": scheduler.get_last_lr()[0]})
+            run.log(step + 1, **{f"{desc}/loss": loss.item(), f"{desc}/lr": scheduler.get_last_lr()[0],
+                                 f"{desc}/seed": seed})
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if gate is not None and step + 1 == cfg.gate_step < steps:
+            model.eval()
+            passed = gate(model)
+            model.train()
+            if not passed:
+                out = {"steps": step + 1, "abandoned_at": step + 1}
+                break
+    bar.close()
     seconds = time.time() - t0
     model.eval()
-    return {"steps": steps, "train_seconds": seconds, "steps_per_second": steps / max(seconds, 1e-9),
+    return {**out, "train_seconds": seconds, "steps_per_second": out["steps"] / max(seconds, 1e-9),
             "final_loss": loss.item()}
+
+
+def train_best_of_seeds(start: ModelConfig, tokenizer, names: tuple[str, ...], texts: list[str], labels: list[int],
+                        val: tuple[list[str], list[int]], cfg: DiscriminatorConfig, steps: int, desc: str, run):
+    """Train one classifier from seeds cfg.seed, cfg.seed + 1, ... (head initialization and batch order) until one
+    reaches TARGET_RECALL on `val` (texts, labels: fresh draws from the set's own characters), at most cfg.seed_tries;
+    returns the model best on `val` and a record per try.
+
+    Why: from the policy, whether the NLI learns the value comparison is a lottery over the training seed (the module
+    docstring): a failed try sits on a plateau that reads a same-slot response as entailed or contradicted by a coin,
+    visible on validation long before the end. The coin flips from one check to the next, so the lowest recall is a
+    noisy signal (a try that ended at 0.94 was at 0.44 at step 450 and 0.70 at 500); the mean recall over the classes
+    is not: 0.65-0.66 at steps 500-700 for the failed try against 0.84-0.88 at step 600 for four that learned. A try
+    whose mean validation recall is below cfg.gate_recall at cfg.gate_step is abandoned there; the last allowed try is
+    never abandoned, so a model always comes out. Holdout characters are not looked at."""
+    from alignment.models import load_sequence_classifier
+    from alignment.runs import seed_everything
+
+    def validate(model) -> dict:
+        return evaluate_classifier(model, tokenizer, *val, names, cfg.max_length)
+
+    def gate(model) -> bool:
+        recall = validate(model)["recall"].values()
+        return sum(recall) / len(recall) >= cfg.gate_recall
+
+    best, tries = None, []
+    for t in range(cfg.seed_tries):
+        seed = cfg.seed + t
+        seed_everything(seed)  # the head's initialization; same for both sets: they differ only by their characters
+        model = load_sequence_classifier(start, tokenizer, list(names))
+        last = t + 1 == cfg.seed_tries
+        record = {"seed": seed, **train_classifier(model, tokenizer, texts, labels, cfg, steps, desc, run, seed,
+                                                   gate=None if last else gate)}
+        tries.append(record)
+        if "abandoned_at" in record:
+            log.info("%s: seed %d abandoned at step %d (mean validation recall below %.2f)", desc, seed,
+                     record["steps"], cfg.gate_recall)
+            continue
+        record["validation"] = validate(model)
+        if best is None or record["validation"]["min_recall"] > best[1]["validation"]["min_recall"]:
+            best = (model, record)
+        if record["validation"]["min_recall"] >= TARGET_RECALL:
+            break
+    model, chosen = best
+    return model, {**chosen, "tries": tries, "train_seconds": sum(r["train_seconds"] for r in tries)}
 
 
 def recall_metrics(predicted: list[int], labels: list[int], names: tuple[str, ...]) -> dict:
@@ -404,22 +493,21 @@ def start_model(cfg: DiscriminatorConfig) -> ModelConfig:
     return replace(cfg.model, name_or_path=str(policy), preset=None)
 
 
-def load_or_build(model: ModelConfig, tokenizer, names: tuple[str, ...], saved: Path):
-    """The classifier saved at `saved` (a resumed run), else a fresh one from `model` (preset weights, the policy
-    or a pretrained encoder) with a new head for `names`."""
+def load_saved(model: ModelConfig, tokenizer, names: tuple[str, ...], saved: Path):
+    """The classifier saved at `saved` by an earlier attempt of a resumed run, or None."""
     from alignment.models import load_sequence_classifier
 
-    if (saved / "config.json").is_file():
-        return load_sequence_classifier(replace(model, name_or_path=str(saved), preset=None, lora=None),
-                                        tokenizer, list(names)), True
-    return load_sequence_classifier(model, tokenizer, list(names)), False
+    if not (saved / "config.json").is_file():
+        return None
+    return load_sequence_classifier(replace(model, name_or_path=str(saved), preset=None, lora=None), tokenizer,
+                                    list(names))
 
 
 def main(cfg: DiscriminatorConfig) -> Path:
     import torch
 
     from alignment.models import load_tokenizer, save_model
-    from alignment.runs import Run, seed_everything
+    from alignment.runs import Run
     from alignment.world import load_world, world_artifact
 
     # --- setup
@@ -439,6 +527,10 @@ def main(cfg: DiscriminatorConfig) -> Path:
     for i, split in enumerate(SETS):  # the distribution APC scores, mostly neutral (`natural_train`)
         groups = natural_nli_examples(world, split, cfg.natural_train, cfg.seed + 300 + i)
         data[(split, "nli")] += [e for group in groups for e in group]
+    # Validation, for picking the training seed: fresh draws from the same characters (like the holdout sets, they
+    # share the grammar's sentences with training: ~50% of relevance inputs and ~3% of NLI inputs were seen).
+    val = {(split, what): make_examples(world, split, what, cfg.val_examples, cfg.seed + 400 + i)
+           for i, (split, what) in enumerate((s, w) for s in SETS for w in CLASSIFIERS)}
     holdout = {what: make_examples(world, "holdout", what, cfg.eval_examples, cfg.seed + 100 + i)
                for i, what in enumerate(CLASSIFIERS)}
     natural = natural_nli_examples(world, "holdout", cfg.natural_responses, cfg.seed + 200)
@@ -448,14 +540,14 @@ def main(cfg: DiscriminatorConfig) -> Path:
     steps = {"relevance": cfg.relevance_steps, "nli": cfg.nli_steps}
     for split in SETS:
         for what, names in CLASSIFIERS.items():
-            seed_everything(cfg.seed)  # same initial weights for both sets: they differ only by their characters
             out = run.path(f"{split}/{what}")
-            model, reused = load_or_build(start, tokenizer, names, out)
             fmt, train, test = FORMATS[what], data[(split, what)], holdout[what]
             texts = [fmt(*args) for args, _ in train]
-            timing = {} if reused else train_classifier(
-                model, tokenizer, texts, [y for _, y in train], cfg, steps[what], f"{split}/{what}", run)
-            if not reused:
+            model, training = load_saved(start, tokenizer, names, out), {}
+            if model is None:
+                checks = ([fmt(*args) for args, _ in val[(split, what)]], [y for _, y in val[(split, what)]])
+                model, training = train_best_of_seeds(start, tokenizer, names, texts, [y for _, y in train], checks,
+                                                      cfg, steps[what], f"{split}/{what}", run)
                 save_model(model, tokenizer, out)
             metrics = evaluate_classifier(model, tokenizer, [fmt(*args) for args, _ in test], [y for _, y in test],
                                           names, cfg.max_length)
@@ -464,7 +556,7 @@ def main(cfg: DiscriminatorConfig) -> Path:
             metrics["seen_in_training"] = sum(fmt(*args) in seen for args, _ in test) / len(test)
             if what == "nli":  # the distribution APC scores: all statements against one response, mostly neutral
                 metrics["natural"] = natural_nli_metrics(model, tokenizer, natural, cfg.max_length)
-            results.setdefault(split, {})[what] = {**metrics, **timing, "path": str(out)}
+            results.setdefault(split, {})[what] = {**metrics, **training, "path": str(out)}
             run.log(steps[what], **{f"{split}/{what}/eval/{k}": v for k, v in metrics.items()
                                     if k not in ("recall", "natural")},
                     **{f"{split}/{what}/eval/recall_{k}": v for k, v in metrics["recall"].items()})
@@ -492,8 +584,14 @@ def summary_line(name: str, r: dict) -> str:
                    + ", ".join(f"{k} {v:.3f}" for k, v in n["recall"].items())
                    + f", {n['phantom_contradictions_per_response']:.1f} neutral statements read as contradicted per "
                      "response")
-    timing = (f"; {r['steps']} steps in {r['train_seconds']:.1f}s ({r['steps_per_second']:.0f}/s)"
-              if "steps" in r else "; loaded from the resumed run")
+    if "tries" in r:
+        tries = ", ".join(f"seed {t['seed']} " + (f"abandoned at step {t['abandoned_at']}" if "abandoned_at" in t
+                                                    else f"validation min recall {t['validation']['min_recall']:.2f}")
+                          for t in r["tries"])
+        timing = (f"; seed {r['seed']}, {r['steps']} steps at {r['steps_per_second']:.0f}/s, {r['train_seconds']:.1f}s"
+                  f" in all ({tries})")
+    else:
+        timing = "; loaded from the resumed run"
     return (f"{name}: holdout accuracy {r['accuracy']:.3f}, recall {recall} ({r['examples']} examples, "
             f"{r['seen_in_training']:.0%} seen in training){timing}")
 

@@ -22,6 +22,7 @@ from rewards import train
 from rewards.discriminators import (
     CLASSIFIERS,
     SETS,
+    TARGET_RECALL,
     DiscriminatorConfig,
     discriminators_artifact,
     load_scorer,
@@ -52,7 +53,8 @@ def world(world_dir):
 def smoke_config(world_dir, runs_dir, **overrides) -> DiscriminatorConfig:
     return replace(DiscriminatorConfig(data=str(world_dir), runs_dir=str(runs_dir), init="model", model=TINY,
                                        relevance_steps=4, nli_steps=4, batch_size=8, train_examples=40,
-                                       eval_examples=10, natural_responses=10, warmup=1, log_every=2), **overrides)
+                                       eval_examples=10, val_examples=10, natural_responses=10, warmup=1, log_every=2),
+                   **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +62,8 @@ def smoke_run(world_dir, tmp_path_factory):
     """The entry point, through the dispatcher, as on the command line."""
     runs = tmp_path_factory.mktemp("runs")
     argv = ["kind=apc_discriminators", f"data={world_dir}", f"runs_dir={runs}", "name=smoke", "init=model",
-            "relevance_steps=4", "nli_steps=4", "batch_size=8", "train_examples=40", "eval_examples=10", "warmup=1",
-            "log_every=2", "natural_responses=10",
+            "relevance_steps=4", "nli_steps=4", "batch_size=8", "train_examples=40", "eval_examples=10",
+            "val_examples=10", "warmup=1", "log_every=2", "natural_responses=10",
             *[f"model.{k}={v}" for k, v in vars(TINY).items() if k not in ("name_or_path", "lora")]]
     return train.main(argv)
 
@@ -220,7 +222,8 @@ def test_smoke_run_changed_every_trainable_parameter(smoke_run):
 
     directory = smoke_run / "reward" / "nli"
     tokenizer = load_tokenizer(directory)
-    seed_everything(0)  # main seeds before building each classifier: this rebuilds its initial weights
+    chosen = json.loads((smoke_run / "results.json").read_text())["reward"]["nli"]["seed"]
+    seed_everything(chosen)  # each try seeds before building its classifier: this rebuilds the kept one's weights
     initial = load_sequence_classifier(TINY, tokenizer, list(lang.NLI_LABELS)).state_dict()
     trained = load_sequence_classifier(ModelConfig(name_or_path=str(directory)), tokenizer,
                                        list(lang.NLI_LABELS)).state_dict()
@@ -229,6 +232,31 @@ def test_smoke_run_changed_every_trainable_parameter(smoke_run):
     assert unchanged == [], unchanged
     rows_moved = (initial["model.embed_tokens.weight"] != trained["model.embed_tokens.weight"]).any(-1)
     assert 0 < rows_moved.sum() < len(rows_moved)
+
+
+def test_seeds_below_the_gate_are_abandoned_and_the_last_seed_is_always_finished(world_dir, tmp_path):
+    run = main(smoke_config(world_dir, tmp_path, name="gated", relevance_steps=6, nli_steps=6, gate_step=3,
+                            gate_recall=1.01, seed_tries=3))  # no try can pass the gate
+    for split in SETS:
+        for what in CLASSIFIERS:
+            r = json.loads((run / "results.json").read_text())[split][what]
+            assert [(t["seed"], t["steps"], t.get("abandoned_at")) for t in r["tries"]] == [(0, 3, 3), (1, 3, 3),
+                                                                                            (2, 6, None)]
+            assert r["seed"] == 2 and r["steps"] == 6 and "validation" in r
+            assert r["train_seconds"] == pytest.approx(sum(t["train_seconds"] for t in r["tries"]))
+
+
+def test_finished_seeds_go_on_until_one_reaches_the_target_and_the_best_on_validation_is_kept(world_dir, tmp_path):
+    run = main(smoke_config(world_dir, tmp_path, name="best", gate_recall=0.0, seed_tries=3))  # the gate never fires
+    results = json.loads((run / "results.json").read_text())
+    for split in SETS:
+        for what in CLASSIFIERS:
+            r = results[split][what]
+            val = [t["validation"]["min_recall"] for t in r["tries"]]
+            assert [t["seed"] for t in r["tries"]] == list(range(len(val))) and 1 <= len(val) <= 3
+            assert all(v < TARGET_RECALL for v in val[:-1])  # a try that reached the target would have ended it
+            assert len(val) == 3 or val[-1] >= TARGET_RECALL
+            assert r["seed"] == val.index(max(val)) and r["validation"]["min_recall"] == max(val)
 
 
 def test_resume_loads_saved_classifiers_instead_of_training(smoke_run, world_dir):
@@ -289,7 +317,7 @@ def test_pretrained_minilm_fine_tunes_through_the_same_code(world_dir, tmp_path)
 
     model = ModelConfig(name_or_path=str(get_model_path()), dtype="float32", device="cpu")
     cfg = smoke_config(world_dir, tmp_path, name="minilm", model=model, relevance_steps=12, nli_steps=2, lr=1e-4,
-                       log_every=1)
+                       log_every=1, seed_tries=1)  # one training curve per classifier
     run = main(cfg)
     losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     curve = [m["reward/relevance/loss"] for m in losses if "reward/relevance/loss" in m]

@@ -27,7 +27,7 @@ def tiny_config(runs_dir: Path, **kw) -> DPOConfig:
         runs_dir=str(runs_dir), world=SMALL,
         sft=SFTConfig(steps=40, batch_size=16, eval_samples=8, checkpoint_every=40, log_every=10),
         disc=DiscriminatorConfig(relevance_steps=20, nli_steps=20, train_examples=64, eval_examples=16,
-                                natural_responses=16),
+                                 val_examples=16, natural_responses=16, seed_tries=1),
         train_queries=24, samples=4, margin=0.0, max_new_tokens=24, epochs=1, batch_size=4, eval_queries=16,
         checkpoint_every=2, log_every=1, **kw)
 
