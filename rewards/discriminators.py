@@ -35,8 +35,9 @@ same value? Four things made it learn that instead of shortcuts (`nli_triple`, `
 Measured on holdout characters with the defaults (relevance 300 steps, NLI 1200 steps, lr 1e-3, batch 64, 6-20
 steps/s), starting from the SFT policies of `alignment.sft` (length-grouped batches, SFT_FORMAT 2): relevance recall
 no/yes >= 0.95 in all four sets of the two main-job worlds; NLI recall contradicted/neutral/entailed 0.94/0.99/0.98
-(world seed 0, reward set), 0.38/1.00/0.62 (seed 0, evaluator), 0.63/0.99/0.39 (seed 1, reward), 0.47/0.99/0.55
-(seed 1, evaluator), with 0.0-0.1 neutral statements read as contradicted per response. From the previous SFT
+(world seed 0, reward set), 0.90/0.99/0.95 (seed 0, evaluator; 0.38/1.00/0.62 before the seed tries below),
+0.81/1.00/0.74 (seed 1, reward; 0.63/0.99/0.39), 0.77/1.00/0.77 (seed 1, evaluator; 0.47/0.99/0.55), with 0.1 neutral
+statements read as contradicted per response. From the previous SFT
 policies (random batches, same data) the four were 0.81/0.99/0.66, 0.83/0.99/0.72, 0.90/0.99/0.94, 0.84/0.98/0.87.
 
 Whether the value comparison is learned is a lottery over the training seed, not the data: on the seed-0 evaluator
@@ -72,17 +73,20 @@ against "hey ! i play volleyball !" at 0.99): the slot comparison is the same ki
 better.
 
 Seed tries (`seed_tries`, `gate_step`, `gate_recall`; `train_best_of_seeds`). Since the outcome is a lottery over the
-training seed and visible early, each classifier is trained from seeds 0, 1, 2 (head initialization and batch order)
-until one reaches recall 0.9 on validation examples (fresh draws from the set's own characters; holdout characters are
-never looked at), and the best on validation is kept. A try whose mean validation recall over the classes is under 0.75
-at step 600 is abandoned there: the failing seed 0 of the seed-0 evaluator set stood at 0.65-0.66 from step 500 to 700
-(entailed/contradicted flipping between all-entailed and all-contradicted from one check to the next, so the lowest
-recall is a noisy signal), the tries that learned at 0.84-0.88. With the default world this trains the seed-0 evaluator
-set twice (seed 0 to step 600, then seed 1: 0.90/0.99/0.95 instead of 0.38/1.00/0.62). It does not help where no seed
-learns the comparison well: on the world-seed-1 reward set seeds 0, 1, 2 end at 0.63/0.99/0.39, 0.81/1.00/0.74 and
-0.72/0.99/0.83. What fails there is the single-slot value: with seed 0, validation contradicted/entailed on single-slot
-statements stays at chance in every variant below (0.46-0.52 / 0.53-0.64) while opinions are read perfectly. Also tried
-on that set this session (seed 0, 1200 steps; holdout recall, single-slot validation contradicted/entailed, phantoms):
+training seed and visible early, each classifier is trained from seed 0, then seed 1 (head initialization and batch
+order) unless the first reaches recall 0.9 on validation examples (fresh draws from the set's own characters; holdout
+characters are never looked at), and the better on validation is kept. A try whose mean validation recall over the
+classes is under 0.75 at step 600 is abandoned there: the failing seed 0 of the seed-0 evaluator set stood at 0.65-0.66
+from step 500 to 700 (entailed/contradicted flipping between all-entailed and all-contradicted from one check to the
+next, so the lowest recall is a noisy signal), the tries that learned at 0.84-0.88. With the default world this trains
+the seed-0 evaluator set from seed 0 to step 600, then from seed 1 (holdout 0.90/0.99/0.95 instead of 0.38/1.00/0.62;
+ΔAPC by the evaluator then reads RAG+APC-DPO at 0.760 against the oracle's 0.785, where it read 0.367). A third seed
+never did better than the second in the three sets where it ran (validation min recall 0.70 vs 0.85, 0.76 vs 0.79, 0.38
+vs 0.75) and cost a full run (3.6 min), so two is the default. It does not help where no seed learns the comparison
+well: on the world-seed-1 reward set seeds 0, 1, 2 end at 0.63/0.99/0.39, 0.81/1.00/0.74 and 0.72/0.99/0.83. What fails
+there is the single-slot value: with seed 0, validation contradicted/entailed on single-slot statements stays at chance
+in every variant below (0.46-0.52 / 0.53-0.64) while opinions are read perfectly. Also tried on that set this session
+(seed 0, 1200 steps; holdout recall, single-slot validation contradicted/entailed, phantoms):
   - 3/4 of the triples about single slots instead of the characters' own 41%: worse, the plateau never left;
   - the statement after the response and ending at its value (`<|assistant|> hey ! i live in rome ! <|system|> i
     live in lyon`), so that the last token holds one value and the position before it an induction copy of the
@@ -192,7 +196,7 @@ class DiscriminatorConfig:
     # validation recall over the classes is below gate_recall at gate_step is abandoned, a finished one whose lowest
     # recall is below TARGET_RECALL is followed by the next seed, and the best on validation is kept. The last seed is
     # never abandoned.
-    seed_tries: int = 3
+    seed_tries: int = 2
     gate_step: int = 600
     gate_recall: float = 0.75
     val_examples: int = 200  # per class, fresh draws from the set's own characters (validation, for the seed tries)
