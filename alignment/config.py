@@ -379,8 +379,8 @@ def run_cli(schema: type[T], main: Callable[[T], Any], argv: list[str] | None = 
 
     try:
         return main(cfg)
-    except RunExistsError as exc:  # `name=` of a finished or running run without resume=true: nothing was written
-        print(f"error: {exc}", file=sys.stderr)
+    except (RunExistsError, ConfigError) as exc:  # `name=` of a finished run without resume=true, or a check of
+        print(f"error: {exc}", file=sys.stderr)    # values main makes before it writes anything
         raise SystemExit(2) from None
 
 

@@ -137,7 +137,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from alignment.config import ModelConfig
+from alignment.config import ConfigError, ModelConfig
 from alignment.language import NLI_LABELS, RELEVANCE_LABELS
 from alignment.sft import SFTConfig
 from alignment.world import WorldSpec
@@ -515,6 +515,8 @@ def main(cfg: DiscriminatorConfig) -> Path:
     from alignment.world import load_world, world_artifact
 
     # --- setup
+    if cfg.seed_tries < 1:
+        raise ConfigError(f"seed_tries: need at least 1 training seed per classifier, got {cfg.seed_tries}")
     run = Run.start(cfg, "discriminators", runs_dir=cfg.runs_dir, name=cfg.name, resume=cfg.resume)
     world_path = Path(cfg.data) if cfg.data else world_artifact(cfg.world, cfg.runs_dir)
     world = load_world(world_path)

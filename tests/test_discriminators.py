@@ -259,6 +259,14 @@ def test_finished_seeds_go_on_until_one_reaches_the_target_and_the_best_on_valid
             assert r["seed"] == val.index(max(val)) and r["validation"]["min_recall"] == max(val)
 
 
+def test_no_seed_tries_is_refused_in_one_line_before_the_run_starts(world_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["kind=apc_discriminators", f"data={world_dir}", f"runs_dir={tmp_path}", "name=none",
+                    "seed_tries=0"])
+    assert exc.value.code == 2 and not (tmp_path / "none").exists()
+    assert capsys.readouterr().err == "error: seed_tries: need at least 1 training seed per classifier, got 0\n"
+
+
 def test_resume_loads_saved_classifiers_instead_of_training(smoke_run, world_dir):
     cfg = smoke_config(world_dir, smoke_run.parent, name="smoke", resume=True, nli_steps=1000)
     before = (smoke_run / "reward" / "nli" / "model.safetensors").read_bytes()
