@@ -379,8 +379,9 @@ def run_cli(schema: type[T], main: Callable[[T], Any], argv: list[str] | None = 
 
     try:
         return main(cfg)
-    except (RunExistsError, ConfigError) as exc:  # `name=` of a finished run without resume=true, or a check of
-        print(f"error: {exc}", file=sys.stderr)    # values main makes before it writes anything
+    # `name=` of a finished run without resume=true, or a check of values main makes before writing anything
+    except (RunExistsError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

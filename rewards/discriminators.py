@@ -535,8 +535,10 @@ def main(cfg: DiscriminatorConfig) -> Path:
         data[(split, "nli")] += [e for group in groups for e in group]
     # Validation, for picking the training seed: fresh draws from the same characters (like the holdout sets, they
     # share the grammar's sentences with training: ~50% of relevance inputs and ~3% of NLI inputs were seen).
-    val = {(split, what): make_examples(world, split, what, cfg.val_examples, cfg.seed + 400 + i)
-           for i, (split, what) in enumerate((s, w) for s in SETS for w in CLASSIFIERS)}
+    val = {}
+    for i, (split, what) in enumerate((s, w) for s in SETS for w in CLASSIFIERS):
+        drawn = make_examples(world, split, what, cfg.val_examples, cfg.seed + 400 + i)
+        val[(split, what)] = ([FORMATS[what](*args) for args, _ in drawn], [y for _, y in drawn])
     holdout = {what: make_examples(world, "holdout", what, cfg.eval_examples, cfg.seed + 100 + i)
                for i, what in enumerate(CLASSIFIERS)}
     natural = natural_nli_examples(world, "holdout", cfg.natural_responses, cfg.seed + 200)
@@ -551,9 +553,8 @@ def main(cfg: DiscriminatorConfig) -> Path:
             texts = [fmt(*args) for args, _ in train]
             model, training = load_saved(start, tokenizer, names, out), {}
             if model is None:
-                checks = ([fmt(*args) for args, _ in val[(split, what)]], [y for _, y in val[(split, what)]])
-                model, training = train_best_of_seeds(start, tokenizer, names, texts, [y for _, y in train], checks,
-                                                      cfg, steps[what], f"{split}/{what}", run)
+                model, training = train_best_of_seeds(start, tokenizer, names, texts, [y for _, y in train],
+                                                      val[(split, what)], cfg, steps[what], f"{split}/{what}", run)
                 save_model(model, tokenizer, out)
             metrics = evaluate_classifier(model, tokenizer, [fmt(*args) for args, _ in test], [y for _, y in test],
                                           names, cfg.max_length)
