@@ -200,6 +200,10 @@ class DiscriminatorConfig:
     gate_step: int = 600
     gate_recall: float = 0.75
     val_examples: int = 200  # per class, fresh draws from the set's own characters (validation, for the seed tries)
+    # Batches (`batch_indices`): whole minimal groups (relevance pairs, NLI triples), and this share of each NLI batch
+    # from `natural_train` examples (~13% of the NLI training data).
+    natural_batch_share: float = 0.15
+    micro_batches: int = 4  # length-sorted parts per batch (same mean loss, less padding: 0.68x the time per step)
     max_length: int = 128  # tokens; world inputs are <= ~75
     log_every: int = 25
 
@@ -369,10 +373,26 @@ def make_examples(world: dict, split: str, what: str, n: int, seed: int) -> list
 
 
 # --- training and evaluation -------------------------------------------------------------------------------------
-def train_classifier(model, tokenizer, texts: list, labels: list[int], cfg: DiscriminatorConfig, steps: int,
-                     desc: str, run, seed: int, gate=None) -> dict:
-    """Cross-entropy on random batches (order from `seed`), AdamW with warmup + cosine decay; returns the timing and
-    last loss. `gate(model) -> bool` is asked at cfg.gate_step: on False training stops there ("abandoned_at")."""
+def batch_indices(grouped: int, group: int, loose: int, cfg: DiscriminatorConfig, generator) -> "torch.Tensor":
+    """The example indices of one training batch of cfg.batch_size: whole minimal groups (the first `grouped`
+    examples, `group` consecutive ones each: a relevance pair, an NLI triple), and when `loose` examples follow them
+    (`natural_train`), about cfg.natural_batch_share of the batch drawn from those. See "Batches" in the docstring."""
+    import torch
+
+    n = (cfg.batch_size - (round(cfg.natural_batch_share * cfg.batch_size) if loose else 0)) // group
+    whole = (group * torch.randint(grouped // group, (max(n, 1),), generator=generator)[:, None]
+             + torch.arange(group)).flatten()
+    if not loose:
+        return whole
+    return torch.cat([whole, grouped + torch.randint(loose, (cfg.batch_size - len(whole),), generator=generator)])
+
+
+def train_classifier(model, tokenizer, texts: list, labels: list[int], group: int, grouped: int,
+                     cfg: DiscriminatorConfig, steps: int, desc: str, run, seed: int, gate=None) -> dict:
+    """Cross-entropy on batches of whole minimal groups (`batch_indices`: texts[:grouped] in groups of `group`, the
+    rest loose; order from `seed`), each run as cfg.micro_batches length-sorted parts that add up to the batch's mean
+    loss; AdamW with warmup + cosine decay. Returns the timing and last loss. `gate(model) -> bool` is asked at
+    cfg.gate_step: on False training stops there ("abandoned_at")."""
     import inspect
 
     import torch
@@ -380,6 +400,7 @@ def train_classifier(model, tokenizer, texts: list, labels: list[int], cfg: Disc
     from transformers import get_cosine_schedule_with_warmup
 
     accepts = set(inspect.signature(model.forward).parameters)  # Llama has no token_type_ids, BERT does
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"]]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup, steps)
     order = torch.Generator().manual_seed(seed)
@@ -388,12 +409,17 @@ def train_classifier(model, tokenizer, texts: list, labels: list[int], cfg: Disc
     t0, loss, out = time.time(), torch.tensor(float("nan")), {"steps": steps}
     bar = tqdm(range(steps), desc=f"{desc} seed {seed}")
     for step in bar:
-        idx = torch.randint(len(texts), (cfg.batch_size,), generator=order)
-        batch = tokenizer([texts[i] for i in idx.tolist()], padding=True, truncation=True,
-                          max_length=cfg.max_length, return_tensors="pt")
-        batch = {k: v.to(model.device) for k, v in batch.items() if k in accepts}
-        loss = model(**batch, labels=y[idx].to(model.device)).loss
-        loss.backward()
+        idx = batch_indices(grouped, group, len(texts) - grouped, cfg, order).tolist()
+        # Padding to the longest of 64 random inputs wastes ~44% of the NLI forward; four length-sorted parts ~10%.
+        idx.sort(key=lambda i: lengths[i])
+        loss = torch.zeros(())
+        for part in torch.tensor(idx).chunk(cfg.micro_batches):
+            batch = tokenizer([texts[i] for i in part.tolist()], padding=True, truncation=True,
+                              max_length=cfg.max_length, return_tensors="pt")
+            batch = {k: v.to(model.device) for k, v in batch.items() if k in accepts}
+            part_loss = model(**batch, labels=y[part].to(model.device)).loss
+            (part_loss * len(part) / len(idx)).backward()
+            loss += part_loss.detach().cpu() * len(part) / len(idx)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
@@ -417,8 +443,9 @@ def train_classifier(model, tokenizer, texts: list, labels: list[int], cfg: Disc
 
 
 def train_best_of_seeds(start: ModelConfig, tokenizer, names: tuple[str, ...], texts: list[str], labels: list[int],
-                        val: tuple[list[str], list[int]], cfg: DiscriminatorConfig, steps: int, desc: str, run):
-    """Train one classifier from seeds cfg.seed, cfg.seed + 1, ... (head initialization and batch order) until one
+                        grouped: int, val: tuple[list[str], list[int]], cfg: DiscriminatorConfig, steps: int,
+                        desc: str, run):
+    """Train one classifier (`train_classifier`: texts[:grouped] are minimal groups of len(names)) from seeds cfg.seed, cfg.seed + 1, ... (head initialization and batch order) until one
     reaches TARGET_RECALL on `val` (texts, labels: fresh draws from the set's own characters), at most cfg.seed_tries;
     returns the model best on `val` and a record per try.
 
@@ -445,8 +472,8 @@ def train_best_of_seeds(start: ModelConfig, tokenizer, names: tuple[str, ...], t
         seed_everything(seed)  # the head's initialization; same for both sets: they differ only by their characters
         model = load_sequence_classifier(start, tokenizer, list(names))
         last = t + 1 == cfg.seed_tries
-        record = {"seed": seed, **train_classifier(model, tokenizer, texts, labels, cfg, steps, desc, run, seed,
-                                                   gate=None if last else gate)}
+        record = {"seed": seed, **train_classifier(model, tokenizer, texts, labels, len(names), grouped, cfg, steps,
+                                                   desc, run, seed, gate=None if last else gate)}
         tries.append(record)
         if "abandoned_at" in record:
             log.info("%s: seed %d abandoned at step %d (mean validation recall below %.2f)", desc, seed,
@@ -517,6 +544,13 @@ def main(cfg: DiscriminatorConfig) -> Path:
     # --- setup
     if cfg.seed_tries < 1:
         raise ConfigError(f"seed_tries: need at least 1 training seed per classifier, got {cfg.seed_tries}")
+    if cfg.batch_size < len(NLI_LABELS) + 1:
+        raise ConfigError(f"batch_size: need room for a whole NLI triple and a natural example (>= 4), got "
+                          f"{cfg.batch_size}")
+    if not 0 <= cfg.natural_batch_share < 1:
+        raise ConfigError(f"natural_batch_share: need a share in [0, 1), got {cfg.natural_batch_share}")
+    if cfg.micro_batches < 1:
+        raise ConfigError(f"micro_batches: need at least 1, got {cfg.micro_batches}")
     run = Run.start(cfg, "discriminators", runs_dir=cfg.runs_dir, name=cfg.name, resume=cfg.resume)
     world_path = Path(cfg.data) if cfg.data else world_artifact(cfg.world, cfg.runs_dir)
     world = load_world(world_path)
@@ -530,9 +564,9 @@ def main(cfg: DiscriminatorConfig) -> Path:
     # --- data: the holdout sets are shared by both sets, so their numbers compare
     data = {(split, what): make_examples(world, split, what, cfg.train_examples, cfg.seed + i)
             for i, (split, what) in enumerate((s, w) for s in SETS for w in CLASSIFIERS)}
-    for i, split in enumerate(SETS):  # the distribution APC scores, mostly neutral (`natural_train`)
-        groups = natural_nli_examples(world, split, cfg.natural_train, cfg.seed + 300 + i)
-        data[(split, "nli")] += [e for group in groups for e in group]
+    natural_train = {split: [e for group in natural_nli_examples(world, split, cfg.natural_train, cfg.seed + 300 + i)
+                             for e in group]
+                     for i, split in enumerate(SETS)}  # the distribution APC scores, mostly neutral
     # Validation, for picking the training seed: fresh draws from the same characters (like the holdout sets, they
     # share the grammar's sentences with training: ~50% of relevance inputs and ~3% of NLI inputs were seen).
     val = {}
@@ -549,12 +583,14 @@ def main(cfg: DiscriminatorConfig) -> Path:
     for split in SETS:
         for what, names in CLASSIFIERS.items():
             out = run.path(f"{split}/{what}")
-            fmt, train, test = FORMATS[what], data[(split, what)], holdout[what]
+            fmt, test = FORMATS[what], holdout[what]
+            train = data[(split, what)] + (natural_train[split] if what == "nli" else [])
             texts = [fmt(*args) for args, _ in train]
             model, training = load_saved(start, tokenizer, names, out), {}
             if model is None:
                 model, training = train_best_of_seeds(start, tokenizer, names, texts, [y for _, y in train],
-                                                      val[(split, what)], cfg, steps[what], f"{split}/{what}", run)
+                                                      len(data[(split, what)]), val[(split, what)], cfg, steps[what],
+                                                      f"{split}/{what}", run)
                 save_model(model, tokenizer, out)
             metrics = evaluate_classifier(model, tokenizer, [fmt(*args) for args, _ in test], [y for _, y in test],
                                           names, cfg.max_length)

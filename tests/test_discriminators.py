@@ -138,6 +138,44 @@ def test_examples_come_only_from_the_split_characters(world):
         assert {args[0] for args, _ in make_examples(world, "holdout", what, 50, seed=2)} <= names
 
 
+def test_batches_hold_whole_minimal_groups_and_the_natural_share():
+    from rewards.discriminators import batch_indices
+
+    cfg = DiscriminatorConfig()  # batch 64, natural_batch_share 0.15
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        idx = batch_indices(300, 3, 50, cfg, generator).tolist()
+        assert len(idx) == cfg.batch_size
+        triples, natural = idx[:54], idx[54:]
+        assert all(i < 300 for i in triples) and all(300 <= i < 350 for i in natural)  # 18 triples + 10 natural
+        assert all(triples[j:j + 3] == list(range(triples[j], triples[j] + 3)) and triples[j] % 3 == 0
+                   for j in range(0, 54, 3))
+    pairs = batch_indices(100, 2, 0, cfg, generator).tolist()  # relevance: nothing loose, 32 whole pairs
+    assert len(pairs) == 64 and all(pairs[j] % 2 == 0 and pairs[j + 1] == pairs[j] + 1 for j in range(0, 64, 2))
+
+
+def test_micro_batches_take_the_same_step_as_the_whole_batch(world, tmp_path):
+    """Length-sorted parts are a speed-up only: the step they add up to is the whole batch's."""
+    from alignment.models import load_sequence_classifier, load_tokenizer
+    from alignment.runs import Run
+    from rewards.discriminators import train_classifier
+
+    examples = make_examples(world, "reward", "nli", 30, seed=0)
+    texts, labels = [world_nli_text(*args) for args, _ in examples], [y for _, y in examples]
+    tokenizer = load_tokenizer(world["path"] / "tokenizer")
+    run = Run.start(smoke_config(world["path"], tmp_path), "parts", runs_dir=str(tmp_path), name="parts")
+    weights = []
+    for parts in (1, 4):
+        torch.manual_seed(0)
+        model = load_sequence_classifier(TINY, tokenizer, list(lang.NLI_LABELS))
+        cfg = smoke_config(world["path"], tmp_path, batch_size=24, warmup=0, micro_batches=parts)
+        train_classifier(model, tokenizer, texts, labels, 3, len(texts), cfg, 2, "parts", run, seed=0)
+        weights.append(model.state_dict())
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert any(not torch.equal(weights[1][k], v) for k, v in weights[0].items())  # float order differs, step does not
+
+
 def test_recall_metrics_worked_numbers():
     # class 0: 3 of 4 right; class 1: 1 of 2 right; accuracy 4/6
     m = recall_metrics([0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1], ("no", "yes"))
