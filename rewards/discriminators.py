@@ -135,12 +135,15 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from alignment.config import ConfigError, ModelConfig
 from alignment.language import NLI_LABELS, RELEVANCE_LABELS
 from alignment.sft import SFTConfig
 from alignment.world import WorldSpec
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +376,7 @@ def make_examples(world: dict, split: str, what: str, n: int, seed: int) -> list
 
 
 # --- training and evaluation -------------------------------------------------------------------------------------
-def batch_indices(grouped: int, group: int, loose: int, cfg: DiscriminatorConfig, generator) -> "torch.Tensor":
+def batch_indices(grouped: int, group: int, loose: int, cfg: DiscriminatorConfig, generator) -> torch.Tensor:
     """The example indices of one training batch of cfg.batch_size: whole minimal groups (the first `grouped`
     examples, `group` consecutive ones each: a relevance pair, an NLI triple), and when `loose` examples follow them
     (`natural_train`), about cfg.natural_batch_share of the batch drawn from those. See "Batches" in the docstring."""
@@ -445,9 +448,10 @@ def train_classifier(model, tokenizer, texts: list, labels: list[int], group: in
 def train_best_of_seeds(start: ModelConfig, tokenizer, names: tuple[str, ...], texts: list[str], labels: list[int],
                         grouped: int, val: tuple[list[str], list[int]], cfg: DiscriminatorConfig, steps: int,
                         desc: str, run):
-    """Train one classifier (`train_classifier`: texts[:grouped] are minimal groups of len(names)) from seeds cfg.seed, cfg.seed + 1, ... (head initialization and batch order) until one
-    reaches TARGET_RECALL on `val` (texts, labels: fresh draws from the set's own characters), at most cfg.seed_tries;
-    returns the model best on `val` and a record per try.
+    """Train one classifier (`train_classifier`; texts[:grouped] are minimal groups of len(names) examples) from
+    seeds cfg.seed, cfg.seed + 1, ... (head initialization and batch order) until one reaches TARGET_RECALL on `val`
+    (texts, labels: fresh draws from the set's own characters), at most cfg.seed_tries; returns the model best on
+    `val` and a record per try.
 
     Why: from the policy, whether the NLI learns the value comparison is a lottery over the training seed (the module
     docstring): a failed try sits on a plateau that reads a same-slot response as entailed or contradicted by a coin,
