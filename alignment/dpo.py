@@ -22,9 +22,11 @@ NeurIPS 2024; research/apc_fspo.md §1.4, §3.2):
 Differences from the official code: N >= 4 samples ranked best-vs-worst instead of 2; batched, cached APC; the
 reference log-probs are computed once before training (the reference is the frozen starting policy); held-out
 queries, a separate evaluator and bootstrap intervals. On a fresh machine the world, the SFT policy and the
-discriminators are built once and cached under runs/cache/. Measured on a fresh clone, idle 2-core CPU: 14.6 min
-end to end (world 5 s, SFT 4.6 min, discriminators 7.3 min with NLI 2 x ~195 s, pairs for 1000 queries x 4 samples
-1.8 min, DPO and evaluation 0.9 min), 2.7 min with the prerequisites cached, the same table both times.
+discriminators are built once and cached under runs/cache/. Measured on a fresh clone, idle 2-core CPU: 14 min 58 s
+end to end (world 8 s, SFT 4.6 min, discriminators 8.0 min with NLI 144 s for the reward set and 2 x ~145 s for the
+evaluator set's two seed tries, pairs for 1000 queries x 4 samples 1.4 min, DPO and evaluation 0.8 min), 2 min 24 s
+with the prerequisites cached, the same table both times (RAG+APC-DPO - RAG oracle ΔAPC 0.080 [0.008, 0.152]; world
+seed 1: 0.099 [0.032, 0.162]).
 `reward=oracle` ranks the pairs by the world's true ΔAPC instead: the ceiling any discriminators can reach, and the
 way to tell a failed run's reward from its optimizer.
 Files: pairs.jsonl (records.PreferencePair, APC scores as rewards), ref_logps.safetensors, ckpt/, metrics.jsonl,

@@ -20,7 +20,7 @@ tokenizer): it has learned to copy a statement's value into its answer, which is
 By default (`init=policy`) both classifiers start from it with a new classification head.
 
 What the NLI classifier has to learn is a comparison: does the response assert the statement's slot, and with the
-same value? Four things made it learn that instead of shortcuts (`nli_triple`, `world_nli_text`):
+same value? Five things made it learn that instead of shortcuts (`nli_triple`, `world_nli_text`, `batch_indices`):
   - no query in the NLI input (a world response states its fact in full): with it, the classifier confused the
     query's slot words with the response's and read ~8 of a character's ~30 statements as contradicted by an
     ordinary answer (phantom passive penalties; the seed-0 reward then ranked pairs at chance);
@@ -31,75 +31,52 @@ same value? Four things made it learn that instead of shortcuts (`nli_triple`, `
     vary the statement, so neither part alone predicts the label;
   - the distribution APC scores joins the training data (`natural_train`: every statement of a character against
     one of its responses, mostly neutral): balanced triples alone left ~1 neutral statement per response read as
-    contradicted (world seed 1), enough style-driven noise that APC-DPO lost to RAG; with them 0.1-0.2.
-Measured on holdout characters with the defaults (relevance 300 steps, NLI 1200 steps, lr 1e-3, batch 64, 6-20
-steps/s), starting from the SFT policies of `alignment.sft` (length-grouped batches, SFT_FORMAT 2): relevance recall
-no/yes >= 0.95 in all four sets of the two main-job worlds; NLI recall contradicted/neutral/entailed 0.94/0.99/0.98
-(world seed 0, reward set), 0.90/0.99/0.95 (seed 0, evaluator; 0.38/1.00/0.62 before the seed tries below),
-0.81/1.00/0.74 (seed 1, reward; 0.63/0.99/0.39), 0.77/1.00/0.77 (seed 1, evaluator; 0.47/0.99/0.55), with 0.1 neutral
-statements read as contradicted per response. From the previous SFT
-policies (random batches, same data) the four were 0.81/0.99/0.66, 0.83/0.99/0.72, 0.90/0.99/0.94, 0.84/0.98/0.87.
+    contradicted (world seed 1), enough style-driven noise that APC-DPO lost to RAG; with them 0.1-0.6;
+  - batches of whole triples (18 triples and 10 `natural_train` examples in a batch of 64), not 64 random examples.
+    The value comparison is the hard part: a classifier that has only the slot comparison sits on a plateau that
+    reads every same-slot response as entailed, or as contradicted, by a coin that flipped from one validation check
+    to the next. In a random batch the three members of a triple almost never meet, so the plateau's guess gets a
+    gradient that swings with the batch's mix of labels; in a batch of whole triples the entailed and contradicted
+    members of each triple (identical but for the value) pull that guess in opposite directions and cancel, and
+    what is left of the gradient is their difference, the value. World-seed-1 reward set, seed 0, 1200 steps (an
+    experiment script, one batch per step): holdout recall contradicted/neutral/entailed 0.63/0.99/0.39 with random
+    batches, 0.91/0.99/0.94 with whole triples; on single-slot statements (validation, contradicted/entailed) from
+    chance, 0.46-0.52/0.53-0.64 in every random-batch variant below, to 0.85/0.87. Its evaluator set: 0.47/0.99/0.55
+    -> 0.92/0.99/0.92. Relevance batches are 32 whole pairs the same way. Each batch runs as `micro_batches`
+    length-sorted parts whose losses add up to the batch's mean: the same step, ~0.76x the time at 2 threads.
+Measured on holdout characters with the defaults (relevance 300 steps, NLI 1200 steps, lr 1e-3, batch 64), starting
+from the SFT policies of `alignment.sft`, in the main job (`alignment.dpo`, which builds them with these defaults):
+relevance recall no/yes >= 0.96 in all four sets of the two main-job worlds; NLI recall contradicted/neutral/entailed
+(world seed 0, reward set) 0.94/0.97/0.93 with 0.6 neutral statements read as contradicted per response, evaluator
+0.96/0.97/0.95 with 0.3 (seed 1 after seed 0's validation min recall 0.86; with random batches the two were
+0.94/0.99/0.98 with 0.1 and 0.90/0.99/0.95 after a second seed); world seed 1: reward 0.92/1.00/0.92, evaluator
+0.89/0.99/0.90 (seed 1 after seed 0's 0.88), 0.2 each (random batches: 0.81/1.00/0.74 and 0.77/1.00/0.77, each after
+a second seed).
 
-Whether the value comparison is learned is a lottery over the training seed, not the data: on the seed-0 evaluator
-set, the same data with seed 1 (head initialization and batch order) gives 0.90/0.99/0.95 instead of 0.38/1.00/0.62.
-The failed runs sit on a plateau at "same slot, either value" (loss ~0.3) that the good ones leave between steps 500
-and 700. The NLI has two comparisons to learn, the slot (neutral or not) and the value (entailed or contradicted),
-and for this policy they compete: trained on entailed/contradicted examples alone (400 steps, their own cosine
-schedule), the failing world-seed-1 reward set learns the value one with training seeds 0 and 1 (recall contradicted
-0.86-0.89, entailed 0.89-0.93; opinions perfectly, single slots 82%), and training that model on the full mix
-afterwards undoes it within 100 steps. Tried on failing sets (recall contradicted/neutral/entailed, and "phantoms",
-neutral statements read as contradicted per response, where they rose above the default's 0.1-0.2):
-  - length-grouped batches as in SFT: 1.7x faster per step but slower to learn (seed-0 evaluator set 0.84/0.98/0.89
-    and 0.84/0.97/0.83 at 1200 steps, 0.90/0.99/0.96 and 0.87/0.98/0.87 at 2000; world seed 1 0.21/1.00/0.78 and
-    0.52/0.99/0.57 at 2000); lr 2e-3 (grouped, 1200 steps: 0.83/0.97/0.81); 1500 steps (world seed 1, before
-    `natural_train`: 0.43/0.99/0.58);
-  - the response as the system turn and the statement as the assistant's answer (world seed 1 reward set:
-    0.56/1.00/0.50); the statement after the response, two more layers on top of the policy (earlier data);
-  - AdamW weight decay 0.1 or 1.0 (same set: 0.65/1.00/0.34, 0.61/1.00/0.40); lr 3e-4 on the body and 1e-3 on the
-    head, or the head alone for the first 200 steps (both ~0.5 entailed/contradicted accuracy at step 800);
-  - curricula that teach the value comparison first: entailed/contradicted batches falling linearly to the usual mix
-    at step 400 or 600 (seed-0 evaluator set 0.97/0.97/0.99 and 0.99/0.97/0.99 but 0.66-0.77 phantoms; world seed 1
-    reward set 0.80/0.89/0.94 with 2.5), half of every batch entailed/contradicted, a pure phase before the mix with
-    or without the neutral logit masked (0.75-3.5 phantoms), the mix as a second stage after the value-only model
-    (0.78/0.84/0.93 at lr 1e-3, 0.48/0.72/0.79 at 3e-4, 2.9-3.9 phantoms). The best, 2/3 entailed/contradicted
-    triples and 1/3 `natural_train` examples falling to uniform draws at step 600 (single runs: 0.92/0.98/0.90 with
-    0.28 phantoms, 0.80/1.00/0.88 with 0.1), was still a lottery in the main job, where only the order of the draws
-    differed: world seed 1 reward set 0.68/0.99/0.30, world seed 0 reward set 0.86/0.95/0.85 with 0.6 phantoms
-    (0.94/0.99/0.98 with 0.1 without it).
-Without `natural_train`, 600 steps gave 0.62/0.96/0.86, 0.39/0.99/0.61 and 0.80/0.94/0.76 for seeds 0-2, and what
-remained on the natural distribution (world seed 1, reward set) was ~1 neutral statement per response read as
-contradicted, nearly all a statement about another slot of the same family, read confidently ("i work as a nurse ."
-against "hey ! i play volleyball !" at 0.99): the slot comparison is the same kind of equality and generalizes no
-better.
+What did not work, before whole-triple batches (on sets stuck on the plateau; recall contradicted/neutral/entailed,
+and "phantoms", neutral statements read as contradicted per response, where above the usual 0.1-0.2): length-grouped
+batches (1.7x faster per step, slower to learn: 0.84/0.98/0.89 at 1200 steps); lr 2e-3; 1500 or 2000 steps; AdamW
+weight decay 0.1 or 1.0; lr 3e-4 on the body; the head alone for the first 200 steps; the response as the system turn
+and the statement as the answer; the statement after the response, ending at its value (`<|assistant|> hey ! i live
+in rome ! <|system|> i live in lyon`: 0.72/0.94/0.76) or repeated there; two more decoder layers initialized as the
+identity (0.71/1.00/0.76); 3/4 of the triples about single slots; curricula that teach the value comparison first
+(entailed/contradicted batches falling to the mix, a value-only phase or model followed by the mix): they learn the
+value (0.97/0.97/0.99 on one set) but leave 0.7-3.9 phantoms or stay a lottery, and the mix undid a value-only model
+within 100 steps.
+The information was in the body all along: the world-seed-1 policy gives a single-slot value after its statement a
+log-probability of -1.4 when it agrees and -5.1 when it does not (91% of pairs ordered right). A ranking loss on the
+triple's entailed and contradicted members on top of whole-triple batches (softplus of the difference of their
+entailed-minus-contradicted logits, weight 1) learns the value faster still (world-seed-1 reward set 0.96/0.93/1.00)
+but reads 1.0 neutral statement per response as contradicted, so it is not used.
 
-Seed tries (`seed_tries`, `gate_step`, `gate_recall`; `train_best_of_seeds`). Since the outcome is a lottery over the
-training seed and visible early, each classifier is trained from seed 0, then seed 1 (head initialization and batch
-order) unless the first reaches recall 0.9 on validation examples (fresh draws from the set's own characters; holdout
-characters are never looked at), and the better on validation is kept. A try whose mean validation recall over the
-classes is under 0.75 at step 600 is abandoned there: the failing seed 0 of the seed-0 evaluator set stood at 0.65-0.66
-from step 500 to 700 (entailed/contradicted flipping between all-entailed and all-contradicted from one check to the
-next, so the lowest recall is a noisy signal), the tries that learned at 0.84-0.88. With the default world this trains
-the seed-0 evaluator set from seed 0 to step 600, then from seed 1 (holdout 0.90/0.99/0.95 instead of 0.38/1.00/0.62;
-ΔAPC by the evaluator then reads RAG+APC-DPO at 0.760 against the oracle's 0.785, where it read 0.367). A third seed
-never did better than the second in the three sets where it ran (validation min recall 0.70 vs 0.85, 0.76 vs 0.79, 0.38
-vs 0.75) and cost a full run (3.6 min), so two is the default. It does not help where no seed learns the comparison
-well: on the world-seed-1 reward set seeds 0, 1, 2 end at 0.63/0.99/0.39, 0.81/1.00/0.74 and 0.72/0.99/0.83. What fails
-there is the single-slot value: with seed 0, validation contradicted/entailed on single-slot statements stays at chance
-in every variant below (0.46-0.52 / 0.53-0.64) while opinions are read perfectly. Also tried on that set this session
-(seed 0, 1200 steps; holdout recall, single-slot validation contradicted/entailed, phantoms):
-  - 3/4 of the triples about single slots instead of the characters' own 41%: worse, the plateau never left;
-  - the statement after the response and ending at its value (`<|assistant|> hey ! i live in rome ! <|system|> i
-    live in lyon`), so that the last token holds one value and the position before it an induction copy of the
-    response's: 0.72/0.94/0.76, single slots 0.52/0.55, 0.8 phantoms (seed-0 evaluator set, seeds 0 and 1:
-    0.86/0.93/0.82 and 0.87/0.96/0.85, no lottery but no 0.9 either, 0.8-1.2 phantoms); with `natural_train` 500
-    0.45/0.96/0.47;
-  - the statement repeated after the response without its period (`... <|end|> i live in lyon`): 0.72/0.99/0.73,
-    single slots 0.52/0.53;
-  - two more decoder layers on top of the policy, initialized as the identity (1.5x slower per step):
-    0.71/1.00/0.76, single slots 0.46/0.64.
-The information is in the body: the world-seed-1 policy's log-probability of a single-slot value after the statement
-is -1.4 when it agrees and -5.1 when it does not (91% of pairs ordered right). What the classifier fails to learn in
-the mix is to carry that comparison to the last token.
+Seed tries (`seed_tries`, `gate_step`, `gate_recall`; `train_best_of_seeds`). Whether a try leaves the plateau still
+depends on the training seed (head initialization and batch order; world-seed-1 reward set with whole triples: seed 0
+0.91/0.99/0.94, seed 1 0.82/0.99/0.73), so each classifier is trained from seed 0, then seed 1 unless the first
+reaches recall 0.9 on validation examples (fresh draws from the set's own characters; holdout characters are never
+looked at), and the better on validation is kept. A try whose mean validation recall over the classes is under 0.75
+at step 600 is abandoned there (with random batches a stuck try stood at 0.65-0.66 from step 500 to 700 and the tries
+that learned at 0.84-0.88; the lowest recall is no gate, it flips with the coin). A third seed never beat the second
+in the three sets where it ran (with random batches), so two is the default.
 
 Also tried and dropped: broken copies of responses as neutral examples (the oracle reads a non-sentence as asserting
 nothing), meant to stop the reward from choosing broken samples; it did not (19-33 broken chosen responses of ~830
@@ -206,7 +183,7 @@ class DiscriminatorConfig:
     # Batches (`batch_indices`): whole minimal groups (relevance pairs, NLI triples), and this share of each NLI batch
     # from `natural_train` examples (~13% of the NLI training data).
     natural_batch_share: float = 0.15
-    micro_batches: int = 4  # length-sorted parts per batch (same mean loss, less padding: 0.68x the time per step)
+    micro_batches: int = 4  # length-sorted parts per batch: the same step, less padding (0.76x the time, 2 threads)
     max_length: int = 128  # tokens; world inputs are <= ~75
     log_every: int = 25
 
@@ -453,13 +430,12 @@ def train_best_of_seeds(start: ModelConfig, tokenizer, names: tuple[str, ...], t
     (texts, labels: fresh draws from the set's own characters), at most cfg.seed_tries; returns the model best on
     `val` and a record per try.
 
-    Why: from the policy, whether the NLI learns the value comparison is a lottery over the training seed (the module
-    docstring): a failed try sits on a plateau that reads a same-slot response as entailed or contradicted by a coin,
-    visible on validation long before the end. The coin flips from one check to the next, so the lowest recall is a
-    noisy signal (a try that ended at 0.94 was at 0.44 at step 450 and 0.70 at 500); the mean recall over the classes
-    is not: 0.65-0.66 at steps 500-700 for the failed try against 0.84-0.88 at step 600 for four that learned. A try
-    whose mean validation recall is below cfg.gate_recall at cfg.gate_step is abandoned there; the last allowed try is
-    never abandoned, so a model always comes out. Holdout characters are not looked at."""
+    Why: from the policy, whether the NLI learns the value comparison still depends on the training seed with
+    whole-triple batches (the module docstring): a stuck try reads a same-slot response as entailed or contradicted by
+    a coin. The coin flips from one check to the next, so the lowest recall is a noisy signal; the mean recall over the
+    classes is not (0.65-0.66 at steps 500-700 for a stuck try, 0.84-0.88 at step 600 for tries that learned, with
+    random batches). A try whose mean validation recall is below cfg.gate_recall at cfg.gate_step is abandoned there;
+    the last allowed try is never abandoned, so a model always comes out. Holdout characters are not looked at."""
     from alignment.models import load_sequence_classifier
     from alignment.runs import seed_everything
 
