@@ -42,7 +42,11 @@ same value? Five things made it learn that instead of shortcuts (`nli_triple`, `
     experiment script, one batch per step): holdout recall contradicted/neutral/entailed 0.63/0.99/0.39 with random
     batches, 0.91/0.99/0.94 with whole triples; on single-slot statements (validation, contradicted/entailed) from
     chance, 0.46-0.52/0.53-0.64 in every random-batch variant below, to 0.85/0.87. Its evaluator set: 0.47/0.99/0.55
-    -> 0.92/0.99/0.92. Relevance batches are 32 whole pairs the same way. Each batch runs as `micro_batches`
+    -> 0.92/0.99/0.92. Controls on the reward set: random batches with the same mix (54 triple members and 10
+    natural examples, at random) 0.76/1.00/0.77; whole triples with random batches' natural share (~39%, 13 triples
+    and 25 natural) 0.87/1.00/0.87, against 0.63/0.99/0.39 for random batches. The natural share trades recall for
+    phantoms: 0.09 neutral statements read as contradicted per response with 25 natural, 0.31 with 10 (the default,
+    `natural_batch_share`). Relevance batches are 32 whole pairs the same way. Each batch runs as `micro_batches`
     length-sorted parts whose losses add up to the batch's mean: the same step, ~0.76x the time at 2 threads.
 Measured on holdout characters with the defaults (relevance 300 steps, NLI 1200 steps, lr 1e-3, batch 64), starting
 from the SFT policies of `alignment.sft`, in the main job (`alignment.dpo`, which builds them with these defaults):
@@ -54,7 +58,7 @@ relevance recall no/yes >= 0.96 in all four sets of the two main-job worlds; NLI
 a second seed).
 
 What did not work, before whole-triple batches (on sets stuck on the plateau; recall contradicted/neutral/entailed,
-and "phantoms", neutral statements read as contradicted per response, where above the usual 0.1-0.2): length-grouped
+and "phantoms", neutral statements read as contradicted per response, where they were above 0.1-0.2): length-grouped
 batches (1.7x faster per step, slower to learn: 0.84/0.98/0.89 at 1200 steps); lr 2e-3; 1500 or 2000 steps; AdamW
 weight decay 0.1 or 1.0; lr 3e-4 on the body; the head alone for the first 200 steps; the response as the system turn
 and the statement as the answer; the statement after the response, ending at its value (`<|assistant|> hey ! i live
@@ -181,7 +185,7 @@ class DiscriminatorConfig:
     gate_recall: float = 0.75
     val_examples: int = 200  # per class, fresh draws from the set's own characters (validation, for the seed tries)
     # Batches (`batch_indices`): whole minimal groups (relevance pairs, NLI triples), and this share of each NLI batch
-    # from `natural_train` examples (~13% of the NLI training data).
+    # from `natural_train` examples (30-41% of the NLI training data in the main-job worlds, so of a random batch).
     natural_batch_share: float = 0.15
     micro_batches: int = 4  # length-sorted parts per batch: the same step, less padding (0.76x the time, 2 threads)
     max_length: int = 128  # tokens; world inputs are <= ~75
@@ -356,7 +360,8 @@ def make_examples(world: dict, split: str, what: str, n: int, seed: int) -> list
 def batch_indices(grouped: int, group: int, loose: int, cfg: DiscriminatorConfig, generator) -> torch.Tensor:
     """The example indices of one training batch of cfg.batch_size: whole minimal groups (the first `grouped`
     examples, `group` consecutive ones each: a relevance pair, an NLI triple), and when `loose` examples follow them
-    (`natural_train`), about cfg.natural_batch_share of the batch drawn from those. See "Batches" in the docstring."""
+    (`natural_train`), about cfg.natural_batch_share of the batch drawn from those. Why whole groups: the module
+    docstring."""
     import torch
 
     n = (cfg.batch_size - (round(cfg.natural_batch_share * cfg.batch_size) if loose else 0)) // group
