@@ -19,7 +19,10 @@ the shots at k are a prefix of the shots at k + 1. Every row samples with the sa
 A row wins a prompt when the user's true reward (`people.true_reward`; invalid text scores below any valid one)
 of its sample is above the base sample's; ties count half. Intervals are 95% bootstrap intervals resampling users;
 differences between rows are paired (same users, prompts and base samples). The win rate of FSPO as a function of
-the test-time k (`k_curve`) includes k beyond the largest k of training. Output in the run directory:
+the test-time k (`k_curve`) includes k beyond the largest k of training. Beside it, `reader_ceiling`: the win rate
+of an ideal reader of the same k shots (E[w | shots] under the train users' weights, then the best style; no
+policy), what the shots make possible, so a flat FSPO curve reads as a policy that ignores its shots, not as
+shots with nothing in them. Output in the run directory:
 results.json (`eval`), results.md (the table), win_rate_vs_k.png, samples.jsonl.
 """
 
@@ -69,6 +72,60 @@ def true_reward_fn(world: dict):
 def win_rates(rewards: np.ndarray, base: np.ndarray) -> np.ndarray:
     """(N,) 1 where rewards > base, 0.5 on ties, 0 below."""
     return (rewards > base) + 0.5 * (rewards == base)
+
+
+# --- what the shots allow ----------------------------------------------------------------------------------------
+def attribute_space() -> np.ndarray:
+    """(S, K) every attribute vector a world response can realize (greeting and closing share one register)."""
+    import itertools
+
+    from alignment import language as lang
+
+    flags = itertools.product((False, True), repeat=5)
+    styles = [lang.Style(greeting=g, closing=c, elaborations=e, empathy=m, technical=t, joke=h, structure=s,
+                         exclaim=x)
+              for m, t, h, s, x in flags for g, c in itertools.product((-1, 0, 1), repeat=2) if g * c >= 0
+              for e in range(len(lang.ELABORATIONS) + 1)]
+    return np.unique(np.array([lang.attribute_vector(style) for style in styles]), axis=0)
+
+
+def posterior_mean(prior: np.ndarray, diffs: np.ndarray, beta: float) -> np.ndarray:
+    """E[w | shots] over prior samples `prior` (S, K): a shot whose responses differ by d = a(chosen) - a(rejected)
+    has likelihood sigmoid(beta w . d), the world's Bradley-Terry label."""
+    if len(diffs) == 0:
+        return prior.mean(0)
+    loglik = -np.logaddexp(0.0, -beta * prior @ np.asarray(diffs).T).sum(1)  # (S,)
+    weights = np.exp(loglik - loglik.max())
+    return weights @ prior / weights.sum()
+
+
+def reader_ceiling(world: dict, cases, base_rewards: np.ndarray, ks: list[int], seed: int,
+                   samples: int = 4000, jitter: float = 0.3) -> dict[int, np.ndarray]:
+    """k -> (N,) wins against the base samples of an ideal reader of the same first k shots, per (user, target) in
+    `cases` order: it knows the world's reward family and its train users' weights (the prior FSPO must learn from
+    its training users; samples of them plus N(0, jitter^2) noise), takes E[w | shots] at the population's median
+    rationality, and answers the asked fact in the style that maximizes that estimate. What the shots make
+    possible; at k = 0 it is the best style for the population."""
+    from alignment import language as lang
+
+    rng = np.random.default_rng(seed)
+    train = np.array([u["weights"] for u in world["users"] if u["split"] == "train"])
+    prior = train[rng.integers(len(train), size=samples)] + jitter * rng.standard_normal((samples, train.shape[1]))
+    weights = {u["user_id"]: np.asarray(u["weights"]) for u in world["users"]}
+    beta, quality = world["stats"]["population"]["temperature"], world["stats"]["population"]["quality"]
+    space = attribute_space()
+    vector = lambda text: lang.attribute_vector(lang.parse_response(text).style)
+    wins: dict[int, list] = {k: [] for k in ks}
+    i = 0
+    for user, shots, targets in cases:
+        valid = [s for s in shots if lang.parse_response(s.chosen) and lang.parse_response(s.rejected)]
+        diffs = np.array([vector(s.chosen) - vector(s.rejected) for s in valid]).reshape(-1, lang.K)
+        base = base_rewards[i:i + len(targets)]
+        i += len(targets)
+        for k in ks:
+            best = space[np.argmax(space @ posterior_mean(prior, diffs[:k], beta))]
+            wins[k].append(win_rates(np.full(len(targets), weights[user] @ best + quality), base))
+    return {k: np.concatenate(w) for k, w in wins.items()}
 
 
 # --- prompts ----------------------------------------------------------------------------------------------------
@@ -193,6 +250,8 @@ def evaluate_world(cfg, world: dict, tokenizer, base, trained, population, out_d
     seen = [kk for kk in sorted(curve_win) if kk <= cfg.k_max]
     results["k_steps"] = {f"{b} - {a}": paired_difference_ci(curve_win[b], curve_win[a], groups, seed=seed)
                           for a, b in zip(seen, seen[1:], strict=False)}
+    ceiling = reader_ceiling(world, cases, rewards["base"], sorted(curve_win), seed)
+    results["reader_ceiling"] = {str(kk): ci(w) for kk, w in ceiling.items()}
     if descriptions is not None:
         results["description_agreement"] = description_agreement(descriptions, [personas[u] for u, _ in keys])
     results["checks"] = checks(results)
@@ -235,10 +294,12 @@ def format_table(results: dict) -> str:
     lines += ["", "| paired difference of win rates | mean [95% CI] | excludes 0 |", "|---|---|---|"]
     for name, ci in results["differences"].items():
         lines.append(f"| {name} | {format_ci(ci)} | {'yes' if excludes_zero(ci) else 'no'} |")
-    lines += ["", "| test-time k | FSPO win rate vs base | shots kept (mean) |", "|---|---|---|"]
+    lines += ["", "| test-time k | FSPO win rate vs base | shots kept (mean) | Bayes reader of the k shots |",
+              "|---|---|---|---|"]
     for kk, row in results["k_curve"].items():
         seen = "" if int(kk) <= results["k_max_trained"] else " (unseen in training)"
-        lines.append(f"| {kk}{seen} | {format_ci(row['win_rate'])} | {row['mean_shots']:.2f} |")
+        reader = format_ci(results["reader_ceiling"][kk]) if "reader_ceiling" in results else "-"
+        lines.append(f"| {kk}{seen} | {format_ci(row['win_rate'])} | {row['mean_shots']:.2f} | {reader} |")
     lines += ["", "| k step (paired, up to the largest training k) | win-rate change [95% CI] |", "|---|---|"]
     lines += [f"| {name} | {format_ci(ci)} |" for name, ci in results["k_steps"].items()]
     if "description_agreement" in results:
@@ -261,6 +322,9 @@ def plot_k_curve(results: dict, path: Path) -> None:
     err = np.array([[r["mean"] - r["lo"] for r in rows], [r["hi"] - r["mean"] for r in rows]])
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.errorbar(ks, mean, yerr=err, marker="o", capsize=3, label="FSPO")
+    if "reader_ceiling" in results:
+        ax.plot(ks, [results["reader_ceiling"][str(k)]["mean"] for k in ks], marker=".", color="green",
+                linestyle=":", label="Bayes reader of the shots")
     for name, style in (("few-shot prompting", ":"), ("population", "--"), ("oracle persona", "-.")):
         ax.axhline(results["rows"][name]["win_rate"]["mean"], linestyle=style, color="gray", label=name)
     ax.axhline(0.5, color="black", linewidth=0.8, label="base")

@@ -73,7 +73,7 @@ class FSPOConfig:
     policy: str | None = None  # HF directory (or hub id) of the starting policy; default: the cached SFT policy
     world_dir: str | None = None  # an existing world directory to use instead of building `world`
     data: AdapterData | None = None  # real data through an adapter; None: the persona world
-    format: Literal["world", "fspo"] = "world"  # shot rendering (alignment.shots.FORMATS)
+    format: Literal["world", "fspo", "diff"] = "world"  # shot rendering (alignment.shots.FORMATS)
     k_min: int = 0  # shots per training episode are drawn from [k_min, k_max]
     k_max: int = 8
     episodes_per_user: int = 8  # training episodes per train user

@@ -5,8 +5,9 @@ user shown in the prompt (the shots) plus one more pair of the same user that th
 target). Everything here is a pure function of its inputs (records, a tokenizer, a numpy Generator):
 
     sample_episodes   per user, never per prompt string; k drawn per episode from [k_min, k_max]; seeded
-    FORMATS           how shots become chat messages: `world` (compact, the persona world's own words) and
-                      `fspo` (the paper's markdown, research/apc_fspo.md §2.2); golden-file tested
+    FORMATS           how shots become chat messages: `world` (compact, the persona world's own words), `diff`
+                      (`world` with each shot cut to the words where its two responses differ) and `fspo` (the
+                      paper's markdown, research/apc_fspo.md §2.2); golden-file tested
     fit_episode       meets a token budget by dropping whole shots, never the task line or the final question,
                       and keeps at least one target token, or reports the example as dropped
 
@@ -18,6 +19,7 @@ is a user turn), and the completion is the bare response: the assistant turn alr
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -110,6 +112,23 @@ def world_split(completion: str) -> tuple[str, str]:
     return " ".join(words[:cut]), " ".join(words[cut:])
 
 
+def differing_words(a: str, b: str) -> tuple[str, str]:
+    """The words of `a` and of `b` where the two texts differ (difflib opcodes over whitespace-split words), each
+    side in its own order; the words they share in place are left out."""
+    wa, wb = a.split(), b.split()
+    ops = difflib.SequenceMatcher(a=wa, b=wb, autojunk=False).get_opcodes()
+    return (" ".join(w for op, i1, i2, _, _ in ops if op != "equal" for w in wa[i1:i2]),
+            " ".join(w for op, _, _, j1, j2 in ops if op != "equal" for w in wb[j1:j2]))
+
+
+def diff_prompt(shots: list[PreferencePair], prompt: list[dict], describe: bool) -> list[dict]:
+    """`world` with each shot cut to the words where its two responses differ: "<question> likes <chosen's
+    differing words> dislikes <rejected's>". A label is about the difference of its two responses; the words they
+    share (the content, most clauses) carry nothing about the user. World shots: ~75 -> ~35 tokens."""
+    return world_prompt([replace(s, **dict(zip(("chosen", "rejected"), differing_words(s.chosen, s.rejected),
+                                               strict=True))) for s in shots], prompt, describe)
+
+
 FSPO_TASK = "Given the examples above, generate a preferred response to the following question."
 FSPO_TASK_NO_SHOTS = "Generate a response to the following question."
 FSPO_TASK_DESCRIBE = ("Generate a user description based on the examples above. Then, generate a preferred response "
@@ -144,6 +163,7 @@ def fspo_split(completion: str) -> tuple[str, str]:
 FORMATS: dict[str, Format] = {
     "world": Format(world_prompt, world_join, world_split),
     "fspo": Format(fspo_prompt, fspo_join, fspo_split),
+    "diff": Format(diff_prompt, world_join, world_split),
 }
 
 

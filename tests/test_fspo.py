@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from alignment.config import ModelConfig
-from alignment.eval_fspo import EvalSettings, true_reward_fn, win_rates
+from alignment.eval_fspo import EvalSettings, attribute_space, posterior_mean, true_reward_fn, win_rates
 from alignment.fspo import (
     AdapterData,
     FSPOConfig,
@@ -196,6 +196,28 @@ def test_win_rates_count_ties_half():
         [1.0, 0.5, 0.0, 0.5]
 
 
+def test_attribute_space_holds_every_style_a_world_response_can_take():
+    from alignment import language as lang
+    from alignment.people import sample_style
+
+    space = {tuple(a) for a in attribute_space()}
+    rng = np.random.default_rng(0)
+    assert all(tuple(lang.attribute_vector(sample_style(rng, p))) in space for p in rng.random(500))
+    assert len(space) == 4 * 5 * 2 ** 5  # length 0..3, formality -1..1 in halves, five on/off attributes
+
+
+def test_posterior_mean_reads_the_shots_toward_the_user_who_labelled_them():
+    """Two kinds of users with opposite tastes in the prior: shots labelled by one pull E[w | shots] to it."""
+    rng = np.random.default_rng(0)
+    w = np.array([1.0, -1.0, 0.5, 0.0, 2.0, -0.5, 1.0])
+    prior = np.concatenate([w + 0.1 * rng.standard_normal((500, 7)), -w + 0.1 * rng.standard_normal((500, 7))])
+    assert np.abs(posterior_mean(prior, np.zeros((0, 7)), 4.0)).max() < 0.1  # no shots: the prior's mean
+    diffs = rng.uniform(-1, 1, (6, 7))
+    diffs *= np.sign(diffs @ w)[:, None]  # every shot's chosen is the one w prefers
+    assert np.allclose(posterior_mean(prior, diffs, 4.0), w, atol=0.1)
+    assert np.allclose(posterior_mean(prior, -diffs, 4.0), -w, atol=0.1)  # flipped labels: the other user
+
+
 def test_true_reward_fn_reproduces_the_worlds_labels(world_dir):
     from alignment.world import load_world
 
@@ -299,6 +321,8 @@ def test_world_smoke_with_evaluation_and_description_variant(world_dir, world_po
     assert results["rows"]["base"]["win_rate"]["mean"] == 0.5
     assert set(results["k_curve"]) == {"0", "2", "3", "5"} and results["prompts"] == 4
     assert results["k_curve"]["5"]["mean_shots"] == 5.0  # test users have 5 context pairs
+    assert set(results["reader_ceiling"]) == set(results["k_curve"])
+    assert all(0 <= row["mean"] <= 1 for row in results["reader_ceiling"].values())
     for name in ("results.md", "win_rate_vs_k.png", "samples.jsonl"):
         assert (run / name).stat().st_size > 0
     assert "5 (unseen in training)" in (run / "results.md").read_text()

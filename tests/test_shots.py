@@ -12,6 +12,7 @@ from alignment.records import PreferencePair
 from alignment.sampling import render_prompt
 from alignment.shots import (
     FORMATS,
+    differing_words,
     encode_prompt,
     fit_episode,
     fit_prompt,
@@ -40,6 +41,7 @@ def golden_episode():
 # --- golden files -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("name", "fmt", "k", "describe"), [
     ("world_k2.txt", "world", 2, False),
+    ("diff_k2.txt", "diff", 2, False),
     ("fspo_k2.txt", "fspo", 2, False),
     ("fspo_k0.txt", "fspo", 0, False),
     ("fspo_k2_describe.txt", "fspo", 2, True),
@@ -68,7 +70,18 @@ def test_paper_format_has_the_reference_headers_and_task_lines():
     assert "Generate a user description based on" in (GOLDEN / "fspo_k2_describe.txt").read_text()
 
 
-@pytest.mark.parametrize("fmt", ["world", "fspo"])
+def test_diff_format_keeps_only_the_words_where_the_two_responses_differ():
+    chosen, rejected = "good day . i work as a baker .", "i work as a nurse !"
+    assert differing_words(chosen, rejected) == ("good day . baker .", "nurse !")
+    assert differing_words("i live in lyon .", "i live in lyon .") == ("", "")
+    text = (GOLDEN / "diff_k2.txt").read_text()
+    assert text.startswith("<|user|> what is your job ? likes good day . baker . dislikes nurse ! <|end|>")
+    # the target prompt is the world format's, unchanged
+    world = (GOLDEN / "world_k2.txt").read_text()
+    assert text.endswith(world[world.index("<|system|>"):])
+
+
+@pytest.mark.parametrize("fmt", ["world", "fspo", "diff"])
 def test_description_join_and_split_round_trip(fmt):
     f = FORMATS[fmt]
     description = "the user likes jokes . the user dislikes kind words ."
