@@ -124,7 +124,7 @@ def differing_words(a: str, b: str) -> tuple[str, str]:
 def diff_prompt(shots: list[PreferencePair], prompt: list[dict], describe: bool) -> list[dict]:
     """`world` with each shot cut to the words where its two responses differ: "<question> likes <chosen's
     differing words> dislikes <rejected's>". A label is about the difference of its two responses; the words they
-    share (the content, most clauses) carry nothing about the user. World shots: ~75 -> ~35 tokens."""
+    share in place (most of the content) say nothing about the user. World shots: ~70 -> ~35 tokens."""
     return world_prompt([replace(s, **dict(zip(("chosen", "rejected"), differing_words(s.chosen, s.rejected),
                                                strict=True))) for s in shots], prompt, describe)
 
