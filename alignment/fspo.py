@@ -35,7 +35,7 @@ question or of all target tokens, cached reference log-probs, shared prompt forw
 What was measured on the persona world (issue 7, open): the 0.73M world policy does not learn to read its shots.
 Over 18 recipes (labelled, on-policy and persona targets; 8 to 64 episodes per user; 1 to 16 Pref-FT epochs; the
 description variant; `format=diff`; batches that pair each shot set with a user who labels its targets the other
-way) the held-out win rate against the base stayed at 0.22-0.56 at k = 8, rising at most 0.07 from k = 0 to 8, and
+way) the held-out win rate against the base stayed at 0.22-0.59 at k = 8, rising at most 0.07 from k = 0 to 8, and
 never above population IPO (the same recipe without shots) with an interval excluding 0. The descriptions it wrote
 agreed with the user's persona on 35-43% of attributes, where a random train user's persona agrees on 38% and a
 Bayes reader of the same 8 shots on 72%. The shots carry what is needed: a Bayes reader of them wins 0.968 against
