@@ -89,12 +89,14 @@ def attribute_space() -> np.ndarray:
     return np.unique(np.array([lang.attribute_vector(style) for style in styles]), axis=0)
 
 
-def posterior_mean(prior: np.ndarray, diffs: np.ndarray, beta: float) -> np.ndarray:
+def posterior_mean(prior: np.ndarray, diffs: np.ndarray, beta: float, offsets: np.ndarray | None = None) -> np.ndarray:
     """E[w | shots] over prior samples `prior` (S, K): a shot whose responses differ by d = a(chosen) - a(rejected)
-    has likelihood sigmoid(beta w . d), the world's Bradley-Terry label."""
+    in attributes and by o in the reward every user shares (quality) has likelihood sigmoid(beta (w . d + o)), the
+    world's Bradley-Terry label."""
     if len(diffs) == 0:
         return prior.mean(0)
-    loglik = -np.logaddexp(0.0, -beta * prior @ np.asarray(diffs).T).sum(1)  # (S,)
+    margins = prior @ np.asarray(diffs).T + (0.0 if offsets is None else np.asarray(offsets))  # (S, k)
+    loglik = -np.logaddexp(0.0, -beta * margins).sum(1)  # (S,)
     weights = np.exp(loglik - loglik.max())
     return weights @ prior / weights.sum()
 
@@ -106,24 +108,28 @@ def reader_ceiling(world: dict, cases, base_rewards: np.ndarray, ks: list[int], 
     its training users; samples of them plus N(0, jitter^2) noise), takes E[w | shots] at the population's median
     rationality, and answers the asked fact in the style that maximizes that estimate. What the shots make
     possible; at k = 0 it is the best style for the population."""
+    from dataclasses import asdict
+
     from alignment import language as lang
+    from alignment.oracle import facts_of
+    from alignment.world import pair_features
 
     rng = np.random.default_rng(seed)
     train = np.array([u["weights"] for u in world["users"] if u["split"] == "train"])
     prior = train[rng.integers(len(train), size=samples)] + jitter * rng.standard_normal((samples, train.shape[1]))
     weights = {u["user_id"]: np.asarray(u["weights"]) for u in world["users"]}
+    queries = {q["query_id"]: q for q in world["queries"]}
+    facts = {c["character_id"]: facts_of(c) for c in world["characters"]}
     beta, quality = world["stats"]["population"]["temperature"], world["stats"]["population"]["quality"]
     space = attribute_space()
-    vector = lambda text: lang.attribute_vector(lang.parse_response(text).style)
     wins: dict[int, list] = {k: [] for k in ks}
     i = 0
     for user, shots, targets in cases:
-        valid = [s for s in shots if lang.parse_response(s.chosen) and lang.parse_response(s.rejected)]
-        diffs = np.array([vector(s.chosen) - vector(s.rejected) for s in valid]).reshape(-1, lang.K)
+        x = pair_features([asdict(s) for s in shots[:max(ks)]], queries, facts).reshape(-1, lang.K + 1)
         base = base_rewards[i:i + len(targets)]
         i += len(targets)
         for k in ks:
-            best = space[np.argmax(space @ posterior_mean(prior, diffs[:k], beta))]
+            best = space[np.argmax(space @ posterior_mean(prior, x[:k, :-1], beta, quality * x[:k, -1]))]
             wins[k].append(win_rates(np.full(len(targets), weights[user] @ best + quality), base))
     return {k: np.concatenate(w) for k, w in wins.items()}
 

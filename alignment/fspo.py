@@ -38,7 +38,7 @@ description variant; `format=diff`; batches that pair each shot set with a user 
 way) the held-out win rate against the base stayed at 0.22-0.59 at k = 8, rising at most 0.07 from k = 0 to 8, and
 never above population IPO (the same recipe without shots) with an interval excluding 0. The descriptions it wrote
 agreed with the user's persona on 35-43% of attributes, where a random train user's persona agrees on 38% and a
-Bayes reader of the same 8 shots on 72%. The shots carry what is needed: a Bayes reader of them wins 0.968 against
+Bayes reader of the same 8 shots on 77%. The shots carry what is needed: a Bayes reader of them wins 0.980 against
 the base (0.854 at k = 0; `eval_fspo.reader_ceiling`). A smaller from-scratch backbone read text shots no better as
 a reward model (rewards/persona_rm.py: 0.7% label flips). The paper trains Llama-3.2-3B-Instruct.
 

@@ -125,8 +125,10 @@ def diff_prompt(shots: list[PreferencePair], prompt: list[dict], describe: bool)
     """`world` with each shot cut to the words where its two responses differ: "<question> likes <chosen's
     differing words> dislikes <rejected's>". A label is about the difference of its two responses; the words they
     share in place (most of the content) say nothing about the user. World shots: ~70 -> ~35 tokens."""
-    return world_prompt([replace(s, **dict(zip(("chosen", "rejected"), differing_words(s.chosen, s.rejected),
-                                               strict=True))) for s in shots], prompt, describe)
+    def diff_shot(shot: PreferencePair) -> PreferencePair:
+        chosen, rejected = differing_words(shot.chosen, shot.rejected)
+        return replace(shot, chosen=chosen, rejected=rejected)
+    return world_prompt([diff_shot(s) for s in shots], prompt, describe)
 
 
 FSPO_TASK = "Given the examples above, generate a preferred response to the following question."

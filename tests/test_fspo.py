@@ -216,6 +216,8 @@ def test_posterior_mean_reads_the_shots_toward_the_user_who_labelled_them():
     diffs *= np.sign(diffs @ w)[:, None]  # every shot's chosen is the one w prefers
     assert np.allclose(posterior_mean(prior, diffs, 4.0), w, atol=0.1)
     assert np.allclose(posterior_mean(prior, -diffs, 4.0), -w, atol=0.1)  # flipped labels: the other user
+    # labels that a shared reward term (quality) explains by a wide margin say nothing about w
+    assert np.abs(posterior_mean(prior, -diffs, 4.0, offsets=np.full(6, 20.0))).max() < 0.1
 
 
 def test_true_reward_fn_reproduces_the_worlds_labels(world_dir):
