@@ -80,7 +80,7 @@ class ModelConfig:
     """A Hugging Face model by `name_or_path`, or a tiny `preset` built from config (exactly one)."""
 
     name_or_path: str | None = None  # local directory or hub id of any Hugging Face model
-    preset: str | None = None  # tiny architecture built from config for the tokenizer, no download: llama
+    preset: str | None = None  # llama (tiny, from config, for the world tokenizer) or smollm2-135m-instruct
     hidden_size: int = 64  # preset only
     num_layers: int = 2  # preset only
     num_heads: int = 4  # preset only

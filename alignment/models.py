@@ -10,8 +10,15 @@
 config's size fields and the tokenizer's vocabulary (seed torch first for reproducible weights).
 Exactly one of the two is set. Every loader returns the model on its device and dtype, in eval mode.
 
-The tokenizer always has a dedicated pad token (never pad = eos: with pad = eos a reward model that
-reads the last non-pad position reads the wrong token; see research/ecosystem.md §9 item 6).
+`name_or_path` (and `preset`) may also name a pretrained model that a package ships, e.g.
+`smollm2-135m-instruct` (alignment/model_sources.py), and a LoRA adapter directory (an SFT or DPO checkpoint of a
+LoRA run), which loads as its base with the adapter merged.
+
+A pretrained vocabulary is never resized. Pad is the tokenizer's own when it is no stop token; else an existing
+special token that is neither a stop token nor bos (one named like a pad token first, then unk); else eos, with
+every mask taken from `attention_mask` (a reward model that reads "the last non-pad position" would misread a row
+ending in eos, research/ecosystem.md §9 item 6, so the spare token comes first). Only a tokenizer with no pad and
+no eos gains a `<pad>` token (and its model's embedding a row).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from transformers import (
 )
 
 from alignment.config import ConfigError, LoraConfig, ModelConfig
+from alignment.model_sources import SOURCES, is_source, model_path
 from alignment.runs import atomic_replace_dir
 
 log = logging.getLogger(__name__)
@@ -72,14 +80,53 @@ def pick_dtype(spec: str = "auto", device: torch.device | str | None = None) -> 
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
-    """`AutoTokenizer.from_pretrained`, plus a dedicated `<pad>` token when it has none or pads with eos."""
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        before = tokenizer.pad_token
+    """`AutoTokenizer.from_pretrained` (a packaged source's directory for its name), with a pad token that ends
+    nothing (see the module docstring); the vocabulary is never grown for a pretrained tokenizer."""
+    path = model_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    stops = set(stop_ids(_generation_config(path), tokenizer))
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in stops:
+        return tokenizer
+    before = tokenizer.pad_token
+    spare = _spare_special_token(tokenizer, stops)
+    if spare is not None:
+        tokenizer.pad_token = spare
+    elif tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # every mask comes from attention_mask, never from pad ids
+    else:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-        log.info("tokenizer %s: pad token was %r; using a dedicated %s (id %d)",
-                 name_or_path, before, PAD_TOKEN, tokenizer.pad_token_id)
+    log.info("tokenizer %s: pad token was %r; padding with %r (id %d)", name_or_path, before,
+             tokenizer.pad_token, tokenizer.pad_token_id)
     return tokenizer
+
+
+def _generation_config(path: str) -> Any:
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _spare_special_token(tokenizer: Any, stops: set[int]) -> str | None:
+    """An existing special token that no text contains and that ends nothing: pad-like names first, then unk."""
+    taken = stops | {tokenizer.bos_token_id}
+    special = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    candidates = [t for t in special if "pad" in t.lower()] + ([tokenizer.unk_token] if tokenizer.unk_token else [])
+    return next((t for t in candidates if tokenizer.convert_tokens_to_ids(t) not in taken), None)
+
+
+def stop_ids(model_or_config: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends a row: the generation config's EOS id(s) and the tokenizer's EOS.
+
+    `model_or_config`: a model (its `generation_config`), a `GenerationConfig`, or None. Chat models often stop on
+    several ids (Llama 3: <|eot_id|> and <|end_of_text|>); the tokenizer's single `eos_token_id` misses the others.
+    """
+    config = getattr(model_or_config, "generation_config", model_or_config)
+    eos = getattr(config, "eos_token_id", None)
+    ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    return sorted(ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,9 +154,10 @@ PRESETS: dict[str, Callable[..., PretrainedConfig]] = {"llama": _llama_preset}
 
 def _preset_config(cfg: ModelConfig, tokenizer: Any, **head: Any) -> PretrainedConfig:
     if cfg.preset not in PRESETS:
-        close = difflib.get_close_matches(cfg.preset, list(PRESETS), n=1)
+        close = difflib.get_close_matches(cfg.preset, [*PRESETS, *SOURCES], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"model.preset: unknown preset {cfg.preset!r} (known: {', '.join(PRESETS)}){hint}")
+        known = ", ".join([*PRESETS, *SOURCES])
+        raise ConfigError(f"model.preset: unknown preset {cfg.preset!r} (known: {known}){hint}")
     return PRESETS[cfg.preset](cfg, tokenizer, **head)
 
 
@@ -119,17 +167,27 @@ def _check_source(cfg: ModelConfig) -> None:
         raise ConfigError(f"model: set exactly one of model.name_or_path and model.preset (got {got})")
 
 
+def pretrained_path(cfg: ModelConfig) -> str | None:
+    """The directory or hub id to load weights (and the tokenizer) from: a packaged source's cached directory for
+    its name; None for a preset built from config (whose tokenizer is the world's)."""
+    name = cfg.preset if is_source(cfg.preset) else cfg.name_or_path
+    return None if name is None else model_path(name)
+
+
 def _build(auto_cls: Any, cfg: ModelConfig, tokenizer: Any, **head: Any) -> PreTrainedModel:
     """Pretrained or preset model of the `auto_cls` family, fitted to the tokenizer, on device/dtype, eval mode."""
     _check_source(cfg)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    if cfg.preset is not None:
+    path = pretrained_path(cfg)
+    if path is None:
         model = auto_cls.from_config(_preset_config(cfg, tokenizer, **head)).to(dtype=dtype)
+    elif (Path(path) / "adapter_config.json").is_file():
+        model = _merged_adapter(auto_cls, path, dtype, **head)
     else:
         # dtype is always explicit: v5 otherwise loads the dtype stored in config.json (ecosystem.md §2.2).
         # No later .to(dtype): it would also cast the modules a model keeps in fp32 on purpose.
-        model = auto_cls.from_pretrained(cfg.name_or_path, dtype=dtype, **head)
+        model = auto_cls.from_pretrained(path, dtype=dtype, **head)
     _fit_to_tokenizer(model, tokenizer)
     model = model.to(device)
     if cfg.lora is not None:
@@ -137,8 +195,20 @@ def _build(auto_cls: Any, cfg: ModelConfig, tokenizer: Any, **head: Any) -> PreT
     return model.eval()
 
 
+def _merged_adapter(auto_cls: Any, path: str, dtype: torch.dtype, **head: Any) -> PreTrainedModel:
+    """A LoRA checkpoint (adapter_config.json + adapter weights) as a plain model: its base with the adapter merged,
+    so a later stage can attach an adapter of its own (DPO after a LoRA SFT)."""
+    import json
+
+    from peft import PeftModel
+
+    base_name = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = auto_cls.from_pretrained(model_path(base_name), dtype=dtype, **head)
+    return PeftModel.from_pretrained(base, path).merge_and_unload()
+
+
 def _fit_to_tokenizer(model: PreTrainedModel, tokenizer: Any) -> None:
-    """Grow the embedding when the tokenizer gained tokens (e.g. `<pad>`), and use its pad id.
+    """Grow the embedding when the tokenizer gained tokens (a tokenizer without pad or eos), and use its pad id.
 
     bos/eos stay as the checkpoint has them: chat models often stop on several eos ids (a list in
     generation_config) that the tokenizer's single `eos_token_id` would overwrite.

@@ -3,7 +3,8 @@
 Every entry point writes only under `runs/<name>/`:
 
     config.yaml      the resolved config; `config=runs/<name>/config.yaml` reproduces the run
-    meta.json        git SHA + dirty flag, package versions, seed, host, start time, argv, `data` hashes
+    meta.json        git SHA + dirty flag, package versions, seed, host, start time, argv, `data` hashes,
+                     `model_sources` (provenance of packaged pretrained models: package, version, sha256)
     metrics.jsonl    one JSON object per `run.log(step, ...)` call: {"step": 12, "loss": 0.69, ...}
     ckpt/step_000012/  model/ (safetensors), optimizer.pt, scheduler.pt, rng.safetensors, state.json
     ckpt/latest      the name of the newest complete checkpoint directory
@@ -55,6 +56,7 @@ import yaml
 from safetensors.torch import load_file, save_file, save_model
 
 from alignment.config import save_config, to_yaml
+from alignment.model_sources import named_sources
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +318,7 @@ class Run:
         meta = {
             "name": directory.name, "kind": kind, "seed": getattr(cfg, "seed", None),
             **_invocation(), "versions": _package_versions(), "data": {}, "resumes": [],
+            "model_sources": named_sources(cfg),
         }
         run = cls(directory, cfg, meta, resumed=False)
         save_config(cfg, run.path("config.yaml"))
@@ -468,6 +471,7 @@ class Run:
         if results is not None:
             write_json(self.path("results.json"), results)
         self.meta["end_time"] = _now()
+        self.meta["model_sources"] = named_sources(self.cfg)  # and any resolved since the start
         write_json(self.path("meta.json"), self.meta)
         atomic_write_text(self.path("DONE"), self.meta["end_time"] + "\n")
 

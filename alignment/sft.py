@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from alignment.config import ModelConfig
+from alignment.model_sources import model_path
 from alignment.world import WorldSpec
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def main(cfg: SFTConfig) -> Path:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from alignment.models import load_causal_lm, load_tokenizer
+    from alignment.models import load_causal_lm, load_tokenizer, pretrained_path
     from alignment.runs import Run, seed_everything
 
     # --- setup
@@ -135,7 +136,7 @@ def main(cfg: SFTConfig) -> Path:
     seed_everything(cfg.seed)
     world_path, world = load_dialogues(cfg)
     run.add_meta("world", str(world_path))
-    tokenizer = load_tokenizer(cfg.model.name_or_path or world_path / "tokenizer")
+    tokenizer = load_tokenizer(pretrained_path(cfg.model) or world_path / "tokenizer")
     model = load_causal_lm(cfg.model, tokenizer)
     log.info("policy: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
 
@@ -205,7 +206,7 @@ def starting_policy(policy: str | None, sft: SFTConfig, world: WorldSpec, runs_d
     `data`) trained by `sft`, built once and cached. Every stage resolves its default here, so they share one cache
     key and the SFT policy is trained once for all of them."""
     if policy:
-        return Path(policy)
+        return Path(model_path(policy))
     return policy_artifact(replace(sft, world=world, data=data or sft.data, runs_dir=runs_dir))
 
 

@@ -522,7 +522,7 @@ def load_saved(model: ModelConfig, tokenizer, names: tuple[str, ...], saved: Pat
 def main(cfg: DiscriminatorConfig) -> Path:
     import torch
 
-    from alignment.models import load_tokenizer, save_model
+    from alignment.models import load_tokenizer, pretrained_path, save_model
     from alignment.runs import Run
     from alignment.world import load_world, world_artifact
 
@@ -541,7 +541,7 @@ def main(cfg: DiscriminatorConfig) -> Path:
     world = load_world(world_path)
     start = start_model(cfg)
     run.add_meta("data", {"world": str(world_path), "init": start.name_or_path or f"preset {start.preset}"})
-    tokenizer = load_tokenizer(start.name_or_path or world_path / "tokenizer")
+    tokenizer = load_tokenizer(pretrained_path(start) or world_path / "tokenizer")
     # Batches of 64 short sequences: more threads than cores only add contention (2 cores here).
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     load_before = os.getloadavg()[0]

@@ -562,7 +562,7 @@ def make_scorer(method: str, model, tokenizer, cfg: PersonaRMConfig, state: dict
 # --- entry point --------------------------------------------------------------------------------------------------
 def main(cfg: PersonaRMConfig) -> Path:
     from alignment.eval_rm import evaluate, write_report
-    from alignment.models import load_sequence_classifier, load_tokenizer, save_model
+    from alignment.models import load_sequence_classifier, load_tokenizer, pretrained_path, save_model
     from alignment.runs import Run, seed_everything, write_json
 
     for method in cfg.methods:
@@ -575,7 +575,7 @@ def main(cfg: PersonaRMConfig) -> Path:
     run = Run.start(cfg, "persona_rm", runs_dir=cfg.runs_dir, name=cfg.name)
     data = load_data(cfg)
     run.add_meta("data", {"source": data.source, "users": {s: len(data.user_ids(s)) for s in SPLITS}})
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.name_or_path or str(Path(data.source) / "tokenizer"))
+    tokenizer = load_tokenizer(cfg.tokenizer or pretrained_path(cfg.model) or str(Path(data.source) / "tokenizer"))
 
     # --- one backbone per method, trained and saved in turn
     scorers, training = {}, {}

@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' shard-writing bars too
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tests fork (test_cache); avoid the tokenizers warning
+# The real model (SmolLM2-135M-Instruct, converted once from its package's GGUF file) is cached in the repository's
+# runs/, not in each test's tmp cwd, so a test session converts it at most once per machine.
+os.environ.setdefault("PERSONA_MODEL_CACHE", os.path.join(os.path.dirname(os.path.dirname(__file__)), "runs"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -80,3 +83,25 @@ def in_tmp(tmp_path, monkeypatch):
     """Run the test with `tmp_path` as the working directory, so `runs/` lands there."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+REAL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def real_dir():
+    """The cached HF directory of SmolLM2-135M-Instruct (the README's test command installs its package)."""
+    from alignment.model_sources import source_dir
+
+    return source_dir(REAL)
+
+
+@pytest.fixture(scope="session")
+def real_lm(real_dir):
+    """(model, tokenizer): SmolLM2-135M-Instruct in fp32 on CPU, eval mode, loaded once per test session.
+    Shared: a test must not train it or change its config (load its own copy for that)."""
+    from alignment.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(REAL)
+    model = load_causal_lm(ModelConfig(preset=REAL, dtype="float32", device="cpu"), tokenizer)
+    return model, tokenizer
