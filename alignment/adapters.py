@@ -608,3 +608,43 @@ ADAPTERS: dict[str, Callable[..., Adapted]] = {
     "fspo_elix": fspo_elix,
     "fspo_review": fspo_review,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits of adapter data, shared by every recipe that trains on it (sft, dpo, fspo).
+
+
+def read_adapter(data: Any) -> Adapted:
+    """`ADAPTERS[data.adapter](data.source)` for an `alignment.config.AdapterData`; an unknown name is one line."""
+    from alignment.config import ConfigError
+
+    if data.adapter not in ADAPTERS:
+        raise ConfigError(f"data.adapter: unknown adapter {data.adapter!r} (known: {', '.join(ADAPTERS)})")
+    return ADAPTERS[data.adapter](data.source)
+
+
+def split_users(pairs: list[PreferencePair], shares: list[float], seed: int) -> dict[str, dict[str, list]]:
+    """{"train" | "val" | "test": {user_id: that user's pairs}}: a seeded permutation of the users (sorted first,
+    so the split depends on the seed only) cut by `shares` (`split_counts`); users in permutation order."""
+    pools: dict[str, list[PreferencePair]] = {}
+    for pair in pairs:
+        pools.setdefault(pair.user_id, []).append(pair)
+    users = sorted(pools)
+    names = [users[i] for i in np.random.default_rng(seed).permutation(len(users))]
+    bounds = np.cumsum([0, *split_counts(len(names), shares)])
+    return {s: {u: pools[u] for u in names[bounds[i]:bounds[i + 1]]}
+            for i, s in enumerate(("train", "val", "test"))}
+
+
+def split_counts(n: int, shares: list[float]) -> list[int]:
+    """Users per split: floor(n * share) with the remainder to train, then at least one for every non-zero share
+    while some split has two to give (taken from the largest)."""
+    if len(shares) != 3 or min(shares) < 0 or sum(shares) <= 0:
+        raise ValueError(f"data.users: expected 3 non-negative shares (train, val, test), got {shares}")
+    counts = [int(n * s / sum(shares) + 1e-9) for s in shares]
+    counts[0] += n - sum(counts)
+    for i, share in enumerate(shares):
+        if share > 0 and counts[i] == 0 and max(counts) > 1:
+            counts[int(np.argmax(counts))] -= 1
+            counts[i] = 1
+    return counts

@@ -76,6 +76,16 @@ class LoraConfig:
 
 
 @dataclass
+class AdapterData:
+    """Real preference data read through `alignment.adapters` instead of the persona world; users are split
+    user-disjoint by seeded shares (`adapters.split_users`)."""
+
+    adapter: str = "???"  # prism | personal_llm | fspo_roleplay | fspo_elix | fspo_review (adapters.ADAPTERS)
+    source: str = "???"  # local directory/file or hub dataset id
+    users: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test shares of users
+
+
+@dataclass
 class ModelConfig:
     """A Hugging Face model by `name_or_path`, or a tiny `preset` built from config (exactly one)."""
 
@@ -477,6 +487,7 @@ def config_hash(cfg: Any) -> str:
 
 __all__ = [
     "MISSING",
+    "AdapterData",
     "ConfigError",
     "LoraConfig",
     "ModelConfig",

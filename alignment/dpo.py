@@ -4,6 +4,7 @@
     python -m alignment.dpo config=apc.yaml loss=apc_weighted    # the paper's per-statement loss (eq. 9)
     python -m alignment.dpo config=apc.yaml policy=<hf policy> discriminators=<dir>   # real models
     python -m alignment.dpo config=apc.yaml reward=oracle        # pairs ranked by the world's true ΔAPC: the ceiling
+    python -m alignment.dpo config=real/dpo.yaml                 # SmolLM2-135M-Instruct, LoRA, real-format pairs
 
 Pipeline (Peng & Shang, "Quantifying and Optimizing Global Faithfulness in Persona-driven Role-playing",
 NeurIPS 2024; research/apc_fspo.md §1.4, §3.2):
@@ -43,7 +44,7 @@ from typing import Literal
 
 import torch
 
-from alignment.config import LoraConfig
+from alignment.config import AdapterData, ConfigError, LoraConfig
 from alignment.sft import SFTConfig
 from alignment.world import WorldSpec
 from rewards.discriminators import DiscriminatorConfig
@@ -62,6 +63,7 @@ class DPOConfig:
     policy: str | None = None  # HF directory (or hub id) of the starting policy; default: the cached SFT policy
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)  # used when `discriminators` is unset
     discriminators: str | None = None  # directory with reward/ and evaluator/ discriminator sets
+    pairs: AdapterData | None = None  # real-format pairs instead of APC pairs from the world (needs `policy`)
     # What scores the sampled responses: the reward discriminators (APC-DPO), or the world's true ΔAPC (oracle:
     # the ceiling any discriminators can reach; RAG prompts and evaluation still use the discriminators).
     reward: Literal["discriminators", "oracle"] = "discriminators"
@@ -94,6 +96,14 @@ def prerequisites(cfg: DPOConfig) -> tuple[Path, Path, Path]:
 
     world = world_artifact(cfg.world, cfg.runs_dir)
     policy = starting_policy(cfg.policy, cfg.sft, cfg.world, cfg.runs_dir)
+    if cfg.policy and not cfg.discriminators:
+        from alignment.models import load_tokenizer, same_vocabulary
+
+        if not same_vocabulary(load_tokenizer(policy), load_tokenizer(world / "tokenizer")):
+            # The discriminators would be fine-tuned from this policy on world text: four classifiers of its size.
+            raise ConfigError(f"policy {cfg.policy}: not a persona-world policy (another vocabulary); APC-DPO's "
+                              "pairs, discriminators and table are world-bound. For DPO on real-format pairs use "
+                              "pairs.adapter/pairs.source (configs/real/dpo.yaml)")
     discs = Path(cfg.discriminators) if cfg.discriminators else discriminators_artifact(  # from the same policy
         replace(cfg.disc, world=cfg.world, runs_dir=cfg.runs_dir, policy=cfg.disc.policy or str(policy)))
     return world, policy, discs
@@ -231,12 +241,8 @@ def evaluate(cfg: DPOConfig, world, base, trained, tokenizer, reward_scorer, eva
 
 # --- entry point ------------------------------------------------------------------------------------------------
 def main(cfg: DPOConfig) -> Path:
-    import copy
-
-    from tqdm.auto import tqdm
-
     from alignment.evaluate import format_apc_table
-    from alignment.models import attach_lora, load_tokenizer
+    from alignment.models import load_tokenizer
     from alignment.records import PreferencePair, read_jsonl, write_jsonl
     from alignment.runs import Run, atomic_write_text, seed_everything
     from alignment.world import load_world
@@ -245,6 +251,8 @@ def main(cfg: DPOConfig) -> Path:
     # --- setup
     run = Run.start(cfg, "dpo", runs_dir=cfg.runs_dir, name=cfg.name, resume=cfg.resume)
     seed_everything(cfg.seed)
+    if cfg.pairs is not None:
+        return main_pairs(cfg, run)
     world_dir, policy_dir, disc_dir = prerequisites(cfg)
     for key, path in (("world", world_dir), ("policy", policy_dir), ("discriminators", disc_dir)):
         run.add_meta(key, str(path))
@@ -253,11 +261,7 @@ def main(cfg: DPOConfig) -> Path:
     base = _load_policy(policy_dir, tokenizer)
     reward_scorer, evaluator = load_scorer(disc_dir, "reward"), load_scorer(disc_dir, "evaluator")
 
-    # --- data: pairs and reference log-probs, built once per run (a resumed run reads them back)
-    from safetensors.torch import load_file, save_file
-
-    from alignment.losses import LENGTH_AVERAGED
-
+    # --- data: pairs (built once per run; a resumed run reads them back)
     if not run.path("pairs.jsonl").exists():
         from alignment.oracle import OracleAPCScorer
 
@@ -267,13 +271,84 @@ def main(cfg: DPOConfig) -> Path:
             raise RuntimeError("no training pair cleared the margin; lower `margin` or raise `samples`")
         write_jsonl(run.path("pairs.jsonl"), [PreferencePair(**p) for p in pairs])
     pairs = [p.to_dict() for p in read_jsonl(run.path("pairs.jsonl"), PreferencePair)]
-    votes = torch.tensor([p["votes"] for p in pairs])  # (P, 2): w12, w21 of APC eq. 9
+    policy = train(cfg, run, base, tokenizer, pairs)
+
+    # --- evaluation: the APC table on held-out queries
+    results = evaluate(cfg, world, base, policy, tokenizer, reward_scorer, evaluator, run)
+    gaps = [p["chosen_reward"] - p["rejected_reward"] for p in pairs]
+    results["pairs"] = {"count": len(pairs), "mean_apc_gap": torch.tensor(gaps).mean().item()}
+    table = format_apc_table(results)
+    atomic_write_text(run.path("results.md"), table + "\n")
+    print(table)
+    run.finish(results)
+    return run.dir
+
+
+def main_pairs(cfg: DPOConfig, run) -> Path:
+    """DPO on real-format pairs through an adapter (`cfg.pairs`): the train users' pairs, from `policy`; the APC
+    pairs, discriminators and table are world-bound and skipped. Held out: the test users' pairs' implicit-reward
+    accuracy and margin (beta * log-ratio to the reference), which need no true reward."""
+    from alignment.adapters import read_adapter, split_users
+    from alignment.models import load_tokenizer
+
+    if cfg.policy is None:
+        raise ConfigError("pairs: DPO on real-format data needs policy= (e.g. smollm2-135m-instruct or an SFT run's "
+                          "ckpt/step_*/model)")
+    log.info("dpo: %s pairs from %s; APC pair building, discriminators and the APC table are world-bound and "
+             "skipped", cfg.pairs.adapter, cfg.pairs.source)
+    policy_dir = starting_policy_dir(cfg.policy)
+    run.add_meta("policy", str(policy_dir))
+    tokenizer = load_tokenizer(policy_dir)
+    base = _load_policy(policy_dir, tokenizer)
+    splits = split_users(read_adapter(cfg.pairs).pairs, cfg.pairs.users, cfg.seed)
+    pairs, held = ([p.to_dict() for pairs in splits[s].values() for p in pairs] for s in ("train", "test"))
+    if not pairs:
+        raise ConfigError(f"pairs: no train user's pair in {cfg.pairs.source}")
+    policy = train(cfg, run, base, tokenizer, pairs)
+    results = {"pairs": {"train": len(pairs), "held_out": len(held)},
+               "held_out": held_out_rewards(cfg, base, policy, tokenizer, held) if held else None}
+    print(f"dpo: {len(pairs)} train pairs; held-out users' pairs: {results['held_out']}")
+    run.finish(results)
+    return run.dir
+
+
+def starting_policy_dir(policy: str) -> Path:
+    from alignment.model_sources import model_path
+
+    return Path(model_path(policy))
+
+
+@torch.no_grad()
+def held_out_rewards(cfg: DPOConfig, base, policy, tokenizer, pairs: list[dict]) -> dict:
+    """Implicit-reward accuracy (chosen's beta * log(pi / pi_ref) above rejected's) and mean margin on `pairs`."""
+    from alignment.losses import LENGTH_AVERAGED
+
+    make_batch = batches(pairs, tokenizer, max_length=base.config.max_position_embeddings)
+    average = LENGTH_AVERAGED[cfg.loss]
+    ref = reference_logps(base, make_batch, len(pairs), cfg.batch_size, average)
+    now = reference_logps(policy, make_batch, len(pairs), cfg.batch_size, average)
+    margin = cfg.beta * ((now[:, 0] - ref[:, 0]) - (now[:, 1] - ref[:, 1]))
+    return {"count": len(pairs), "reward_accuracy": (margin > 0).float().mean().item(),
+            "reward_margin": margin.mean().item()}
+
+
+def train(cfg: DPOConfig, run, base, tokenizer, pairs: list[dict]):
+    """DPO from `base` (frozen, the reference) on `pairs`; returns the trained policy (LoRA merged)."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    from alignment.losses import LENGTH_AVERAGED
+    from alignment.models import attach_lora
+
+    # --- reference log-probs, computed once per run (a resumed run reads them back)
+    votes = torch.tensor([p["votes"] or [1.0, 0.0] for p in pairs])  # (P, 2): w12, w21 of APC eq. 9
     make_batch = batches(pairs, tokenizer, max_length=base.config.max_position_embeddings)
     if not run.path("ref_logps.safetensors").exists():
         ref = reference_logps(base, make_batch, len(pairs), cfg.batch_size, LENGTH_AVERAGED[cfg.loss])
         save_file({"ref": ref}, str(run.path("ref_logps.safetensors")))
     ref = load_file(str(run.path("ref_logps.safetensors")))["ref"]  # (P, 2)
-    gaps = torch.tensor([p["chosen_reward"] - p["rejected_reward"] for p in pairs])
 
     # --- policy, optimizer, schedule, data order
     policy = copy.deepcopy(base)
@@ -288,7 +363,8 @@ def main(cfg: DPOConfig) -> Path:
     state = run.load_checkpoint(policy, optimizer, scheduler, generators={"order": order}) if cfg.resume else None
     step = state["step"] if state else 0
     if step == 0:
-        run.log(0, pairs=len(pairs), mean_apc_gap=gaps.mean().item())
+        gaps = [p["chosen_reward"] - p["rejected_reward"] for p in pairs if p["chosen_reward"] is not None]
+        run.log(0, pairs=len(pairs), **({"mean_apc_gap": torch.tensor(gaps).mean().item()} if gaps else {}))
     perm = torch.tensor(state["perm"]) if state else torch.randperm(len(pairs), generator=order)
 
     # --- loop: epochs over a seeded permutation; the permutation in use is checkpointed with the step
@@ -316,16 +392,7 @@ def main(cfg: DPOConfig) -> Path:
             run.save_checkpoint(step, policy, optimizer, scheduler, {"order": order, "perm": perm.tolist()},
                                 tokenizer=tokenizer)
     bar.close()
-
-    # --- evaluation: the APC table on held-out queries
-    trained = policy.merge_and_unload() if cfg.lora is not None else policy
-    results = evaluate(cfg, world, base, trained, tokenizer, reward_scorer, evaluator, run)
-    results["pairs"] = {"count": len(pairs), "mean_apc_gap": gaps.mean().item()}
-    table = format_apc_table(results)
-    atomic_write_text(run.path("results.md"), table + "\n")
-    print(table)
-    run.finish(results)
-    return run.dir
+    return policy.merge_and_unload() if cfg.lora is not None else policy
 
 
 def _load_policy(path: Path, tokenizer):

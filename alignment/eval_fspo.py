@@ -29,12 +29,16 @@ results.json (`eval`), results.md (the table), win_rate_vs_k.png, samples.jsonl.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from alignment.oracle import void_note
 from alignment.stats import bootstrap_ci, excludes_zero, format_ci, paired_difference_ci
+
+log = logging.getLogger(__name__)
 
 ROWS = ("base", "few-shot prompting", "few-shot Pref-FT", "population", "FSPO", "oracle persona")
 DIFFERENCES = (("FSPO", "few-shot prompting"), ("FSPO", "population"), ("FSPO", "few-shot Pref-FT"),
@@ -262,6 +266,10 @@ def evaluate_world(cfg, world: dict, tokenizer, base, trained, population, out_d
         results["description_agreement"] = description_agreement(descriptions, [personas[u] for u, _ in keys])
     results["checks"] = checks(results)
     results["rows"]["base"]["win_rate"]["note"] = "the reference: 0.5 by definition"
+    note = void_note({name: row["valid"] for name, row in results["rows"].items()}, "the FSPO evaluation")
+    if note:
+        log.warning(note)
+        results["void"] = note
     write_samples(out_dir / "samples.jsonl", keys, texts, rewards)
     table = format_table(results)
     atomic_write_text(out_dir / "results.md", table + "\n")
@@ -291,7 +299,8 @@ def write_samples(path: Path, keys, texts: dict, rewards: dict) -> None:
 def format_table(results: dict) -> str:
     """Markdown: win rate vs base [95% CI over users], mean true reward and valid share per row; the paired
     differences; the k curve."""
-    lines = [f"Held-out users: {results['users']} users x {results['prompts'] // max(results['users'], 1)} unseen "
+    lines = ([f"**{results['void']}**", ""] if results.get("void") else []) + [
+             f"Held-out users: {results['users']} users x {results['prompts'] // max(results['users'], 1)} unseen "
              f"prompts, k = {results['k']} shots (training k <= {results['k_max_trained']}); "
              "mean [95% bootstrap CI over users]", "",
              "| row | win rate vs base | true reward | valid |", "|---|---|---|---|"]

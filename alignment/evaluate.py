@@ -12,6 +12,7 @@ paired differences between rows. Numbers land in `results.json`, the table in `r
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,10 @@ from typing import Literal
 
 import numpy as np
 
+from alignment.oracle import void_note
 from alignment.stats import bootstrap_ci, format_ci, paired_difference_ci
+
+log = logging.getLogger(__name__)
 
 APC_DIFFERENCES = (("RAG+APC-DPO", "RAG"), ("RAG", "Vanilla"), ("RAG", "LCM"))
 
@@ -50,7 +54,12 @@ def apc_table(queries: list[tuple[dict, dict]], responses: dict[str, list[str]],
     diffs = {f"{a} - {b}": {"evaluator": paired_difference_ci(by_evaluator[a], by_evaluator[b], seed=seed),
                             "oracle": paired_difference_ci(by_oracle[a], by_oracle[b], seed=seed)}
              for a, b in APC_DIFFERENCES if a in names and b in names}
-    return {"queries": len(queries), "rows": rows, "differences": diffs}
+    out = {"queries": len(queries), "rows": rows, "differences": diffs}
+    note = void_note(valid, "the APC table")
+    if note:
+        log.warning(note)
+        out["void"] = note
+    return out
 
 
 def _valid(text: str) -> bool:
@@ -61,7 +70,8 @@ def _valid(text: str) -> bool:
 
 def format_apc_table(results: dict) -> str:
     """Markdown: one row per condition, ΔAPC mean [95% CI] by evaluator and oracle; then the paired differences."""
-    lines = [f"ΔAPC on {results['queries']} held-out queries (mean [95% bootstrap CI over queries])", "",
+    lines = ([f"**{results['void']}**", ""] if results.get("void") else []) + [
+             f"ΔAPC on {results['queries']} held-out queries (mean [95% bootstrap CI over queries])", "",
              "| method | ΔAPC evaluator | ΔAPC oracle | valid |", "|---|---|---|---|"]
     for name, row in results["rows"].items():
         lines.append(f"| {name} | {format_ci(row['evaluator'])} | {format_ci(row['oracle'])} | {row['valid']:.1%} |")

@@ -4,6 +4,7 @@
     python -m alignment.fspo config=fspo.yaml describe=true            # the user-description variant
     python -m alignment.fspo config=fspo.yaml format=fspo policy=<hf model> data.adapter=fspo_roleplay \
         data.source=sher222/persona-iterative-responses                # the paper's data, any HF causal LM
+    python -m alignment.fspo config=real/fspo.yaml                     # SmolLM2-135M-Instruct, LoRA, FSPO-format data
 
 The policy reads k labelled pairs of one user in its prompt (the shots) and is trained with DPO or IPO on another
 pair of the same user (paper eq. 5); the frozen reference sees the same context. Over many users it learns to
@@ -58,20 +59,13 @@ from typing import Literal
 import numpy as np
 import torch
 
+from alignment.config import AdapterData, LoraConfig
 from alignment.eval_fspo import EvalSettings
+from alignment.model_sources import model_path
 from alignment.sft import SFTConfig
 from alignment.world import WorldSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AdapterData:
-    """Real preference data through `alignment.adapters` instead of the persona world."""
-
-    adapter: str = "???"  # fspo_roleplay | fspo_elix | fspo_review (alignment.adapters.ADAPTERS)
-    source: str = "???"  # local directory/file or hub dataset id
-    users: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test shares of users
 
 
 @dataclass
@@ -98,7 +92,8 @@ class FSPOConfig:
     beta: float = 0.1  # IPO on per-token averages targets a margin of 1 / (2 beta) nats per token
     sft_weight: float = 0.0  # + this times the per-token NLL of chosen (RPO, arXiv:2404.19733)
     sft_epochs: int = 0  # stage 1, the paper's: epochs of NLL on the chosen responses given the shots ("Pref-FT")
-    sft_lr: float = 3e-3  # stage 1 peak lr (warmup then cosine, as alignment/sft.py)
+    sft_lr: float = 3e-3  # stage 1 peak lr (warmup then cosine, as alignment/sft.py); the world policy's value
+    lora: LoraConfig | None = None  # None: full fine-tuning; LoRA for a pretrained policy (one adapter per stage)
     lr: float = 3e-4  # peak; linear decay to 0
     epochs: int = 2
     batch_size: int = 16
@@ -120,7 +115,7 @@ def prerequisites(cfg: FSPOConfig) -> tuple[Path | None, Path]:
     if cfg.data is not None:
         if cfg.policy is None:
             raise ValueError("policy: adapter data needs a policy (an HF causal LM directory or hub id)")
-        return None, Path(cfg.policy)
+        return None, Path(model_path(cfg.policy))
     world = Path(cfg.world_dir) if cfg.world_dir else world_artifact(cfg.world, cfg.runs_dir)
     return world, starting_policy(cfg.policy, cfg.sft, cfg.world, cfg.runs_dir, data=cfg.world_dir)
 
@@ -148,34 +143,12 @@ def world_users(world: dict) -> Users:
 
 
 def adapter_users(data: AdapterData, seed: int) -> Users:
-    """Adapter data split by user: a seeded permutation of the users cut by `data.users` shares (each non-zero
-    share gets at least one user while there are enough). Shots and targets share each user's pool."""
-    from alignment.adapters import ADAPTERS
-    from alignment.shots import group_by_user
+    """Adapter data split by user (`adapters.split_users`); shots and targets share each user's pool."""
+    from alignment.adapters import read_adapter, split_users
 
-    if data.adapter not in ADAPTERS:
-        raise ValueError(f"data.adapter: unknown adapter {data.adapter!r} (known: {', '.join(ADAPTERS)})")
-    adapted = ADAPTERS[data.adapter](data.source)
-    pools = group_by_user(adapted.pairs)
-    names = [list(pools)[i] for i in np.random.default_rng(seed).permutation(len(pools))]
-    counts = split_counts(len(names), data.users)
-    bounds = np.cumsum([0, *counts])
-    shots = {s: {u: pools[u] for u in names[bounds[i]:bounds[i + 1]]} for i, s in enumerate(("train", "val", "test"))}
+    adapted = read_adapter(data)
+    shots = split_users(adapted.pairs, data.users, seed)
     return Users(shots=shots, targets=dict.fromkeys(shots), persona={u.user_id: u.persona for u in adapted.users})
-
-
-def split_counts(n: int, shares: list[float]) -> list[int]:
-    """Users per split: floor(n * share) with the remainder to train, then at least one for every non-zero share
-    while some split has two to give (taken from the largest)."""
-    if len(shares) != 3 or min(shares) < 0 or sum(shares) <= 0:
-        raise ValueError(f"data.users: expected 3 non-negative shares (train, val, test), got {shares}")
-    counts = [int(n * s / sum(shares) + 1e-9) for s in shares]
-    counts[0] += n - sum(counts)
-    for i, share in enumerate(shares):
-        if share > 0 and counts[i] == 0 and max(counts) > 1:
-            counts[int(np.argmax(counts))] -= 1
-            counts[i] = 1
-    return counts
 
 
 def as_pair(row: dict):
@@ -428,8 +401,9 @@ def pref_ft_stage(cfg: FSPOConfig, run, base, episodes: list, tokenizer, persona
     chosen_only = [replace(enc, rejected=[]) for _, enc in kept]  # rejected rows score nothing (empty)
     groups = shot_groups([e for e, _ in kept])
     make_batch = batches_of(groups, chosen_only, tokenizer.pad_token_id)
-    model = copy.deepcopy(base).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
+    model = with_adapter(copy.deepcopy(base), cfg.lora).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
     per_batch = max(1, cfg.batch_size // cfg.targets_per_shots)
     order = torch.Generator().manual_seed(cfg.seed + 2)
     plans = [bucketed_order([len(chosen_only[g[0]].prompt) for g in groups], per_batch, order)
@@ -441,15 +415,22 @@ def pref_ft_stage(cfg: FSPOConfig, run, base, episodes: list, tokenizer, persona
         chosen, _ = shared_prompt_logps(model, batch)
         nll = -(chosen / token_counts(batch)[:, 0]).mean()
         nll.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % cfg.log_every == 0 or step == total:
             # logged at steps <= 0, before stage 2's, so that a resumed stage 2 keeps these lines
             run.log(step - total, **{"pref_ft/nll": nll.item(), "pref_ft/lr": scheduler.get_last_lr()[0]})
-    save_model(model.eval(), tokenizer, run.path("pref_ft"))
-    return model
+    save_model(model.eval(), tokenizer, run.path("pref_ft"))  # merged, so stage 2 attaches a fresh adapter
+    return model.merge_and_unload() if cfg.lora is not None else model
+
+
+def with_adapter(model, lora: LoraConfig | None):
+    """`model` with a fresh LoRA adapter when `lora` is set (only the adapter trains), else `model` itself."""
+    from alignment.models import attach_lora
+
+    return model if lora is None else attach_lora(model, lora)
 
 
 def ranked_targets(cfg: FSPOConfig, run, episodes: list, policy, tokenizer, world: dict,
@@ -543,8 +524,9 @@ def main(cfg: FSPOConfig) -> Path:
     ref = load_file(str(run.path("ref_logps.safetensors")))["ref"]  # (N, 2) summed over completion tokens
 
     # --- policy, optimizer, schedule, data order (a seeded generator, checkpointed)
-    policy = copy.deepcopy(start)  # the reference is `start` too: it sees the same context
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    policy = with_adapter(copy.deepcopy(start), cfg.lora)  # the reference is `start` too: it sees the same context
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     # a batch is `batch_size` episodes' worth of shot groups; groups are bucketed by their prompt length
     lengths = [len(encoded[g[0]].prompt) for g in groups]
     per_batch = max(1, cfg.batch_size // cfg.targets_per_shots)
@@ -569,7 +551,7 @@ def main(cfg: FSPOConfig) -> Path:
         batch = {k: v.to(policy.device) for k, v in batch.items()}
         loss, rc, rr, nll = step_loss(cfg, policy, batch, ref[idx].to(policy.device))
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -585,6 +567,8 @@ def main(cfg: FSPOConfig) -> Path:
                                 tokenizer=tokenizer)
     bar.close()
     train_seconds = time.time() - t0
+    if cfg.lora is not None:
+        policy = policy.merge_and_unload()
 
     # --- held-out users: implicit-reward accuracy on val users' episodes, then the full evaluation
     results = {"episodes": len(encoded), "steps": total, "train_seconds": train_seconds,

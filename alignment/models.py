@@ -117,6 +117,12 @@ def _spare_special_token(tokenizer: Any, stops: set[int]) -> str | None:
     return next((t for t in candidates if tokenizer.convert_tokens_to_ids(t) not in taken), None)
 
 
+def same_vocabulary(a: Any, b: Any) -> bool:
+    """Whether two tokenizers map every token to the same id: a guide, a discriminator or a reference model must
+    share the policy's vocabulary, or its token ids (and logits) mean other tokens."""
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
 def stop_ids(model_or_config: Any, tokenizer: Any) -> list[int]:
     """Every token that ends a row: the generation config's EOS id(s) and the tokenizer's EOS.
 

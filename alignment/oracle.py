@@ -13,6 +13,19 @@ import numpy as np
 from alignment import language as lang
 from alignment import people
 
+# A world-scored evaluation in which no row reaches this share of samples that parse as world text scores a policy
+# that does not write the world's language (a pretrained model's English): its 0% valid and 0.5 win rates are void.
+VOID_BELOW = 0.05
+
+
+def void_note(valid: dict[str, float], what: str) -> str | None:
+    """One line saying that `what` is void when every row's valid share (row -> share) is below VOID_BELOW."""
+    if not valid or max(valid.values()) >= VOID_BELOW:
+        return None
+    shares = ", ".join(f"{name} {share:.0%}" for name, share in valid.items())
+    return (f"{what} is void: the world's truth scores world sentences only, and no row's samples parse as one "
+            f"({shares}); the policy does not write the world's language")
+
 
 def facts_of(character: dict) -> list[tuple[str, str]]:
     return [(s["slot"], s["value"]) for s in character["statements"]]

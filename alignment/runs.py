@@ -314,11 +314,12 @@ class Run:
             raise ValueError(f"run name {name!r}: expected one directory name, without '/'")
         if resume:
             return cls._reopen(cfg, runs_dir / name)
+        sources = named_sources(cfg)  # first: a missing model package fails before a directory is claimed
         directory = _claim_dir(runs_dir, name or f"{kind}-{_timestamp()}", suffix=name is None)
         meta = {
             "name": directory.name, "kind": kind, "seed": getattr(cfg, "seed", None),
             **_invocation(), "versions": _package_versions(), "data": {}, "resumes": [],
-            "model_sources": named_sources(cfg),
+            "model_sources": sources,
         }
         run = cls(directory, cfg, meta, resumed=False)
         save_config(cfg, run.path("config.yaml"))

@@ -2,6 +2,7 @@
 
     python -m alignment.sft config=sft_world.yaml                  # tiny Llama from scratch, ~5 min on 2 CPU cores
     python -m alignment.sft model.preset=null model.name_or_path=<hf model or dir> lr=2e-5
+    python -m alignment.sft config=real/sft.yaml                   # SmolLM2-135M-Instruct, LoRA, on real-format pairs
 
 Data: the world's `dialogues` (system turn = RAG persona statements, sometimes with a user's stated preferences;
 user turn = a query; assistant turn = a world response in a mix of styles). The loss is next-token cross-entropy
@@ -9,9 +10,14 @@ on response tokens only (DESIGN.md: with the loss on responses the copy-the-slot
 steps instead of ~2,000). Any Hugging Face causal LM trains through the same loop with its own tokenizer and chat
 template; the tiny default is a Llama built from config for the world tokenizer.
 
+With `pairs` (real preference data through `alignment.adapters`: PRISM, PersonalLLM, FSPO Roleplay/ELIX/Review)
+the examples are each train user's prompt -> chosen reply instead, and the held-out check is the per-token NLL of
+the test users' chosen replies before and after training; the world's oracle summary is skipped (one log line).
+
 The run ends with a quality summary by the world's oracle on held-out queries, sampled at temperature 1: how many
 samples parse as world sentences, how many answer the asked slot with the statement in context, and how spread
-the samples are across attribute profiles (results.json). The trained policy is `ckpt/step_*/model` (HF format).
+the samples are across attribute profiles (results.json). The trained policy is `ckpt/step_*/model` (HF format;
+a LoRA run's is an adapter directory, which `policy=` and `ModelConfig.name_or_path` load merged).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from alignment.config import ModelConfig
+from alignment.config import AdapterData, ConfigError, ModelConfig
 from alignment.model_sources import model_path
 from alignment.world import WorldSpec
 
@@ -39,6 +45,7 @@ class SFTConfig:
     runs_dir: str = "runs"
     world: WorldSpec = field(default_factory=WorldSpec)  # built and cached under runs/cache/ if missing
     data: str | None = None  # an existing world directory to train on instead of `world`
+    pairs: AdapterData | None = None  # real-format pairs (prompt -> chosen) instead of the world; pretrained models
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         preset="llama", hidden_size=128, num_layers=3, num_heads=4, intermediate_size=384, max_positions=512))
     steps: int = 2500  # measured: 97.7% valid samples, 75% answer the asked slot (the 3-layer, 128-wide default)
@@ -51,6 +58,7 @@ class SFTConfig:
     log_every: int = 50
     eval_samples: int = 256  # held-out queries sampled at temperature 1 for the closing summary
     max_new_tokens: int = 96
+    eval_batch_size: int = 8  # micro-batch of the held-out NLL (`pairs` runs): bounds memory with a 49k vocabulary
 
 
 def load_dialogues(cfg: SFTConfig) -> tuple[Path, dict]:
@@ -113,6 +121,33 @@ def lr_lambda(warmup: int, steps: int):
     return f
 
 
+def pair_dialogues(data: AdapterData, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) SFT dialogues from real-format pairs: each user's prompt -> chosen reply, users split by
+    `data.users` (`adapters.split_users`); held out = the test users'."""
+    from alignment.adapters import read_adapter, split_users
+
+    splits = split_users(read_adapter(data).pairs, data.users, seed)
+    as_dialogues = lambda split: [{"prompt": p.prompt, "response": p.chosen}
+                                  for pairs in splits[split].values() for p in pairs]
+    return as_dialogues("train"), as_dialogues("test")
+
+
+@torch.no_grad()
+def held_out_nll(model, tokenizer, examples: list[tuple[list[int], list[int]]], batch_size: int) -> float:
+    """Mean per-token NLL of the response tokens (EOS included), in micro-batches of `batch_size` examples."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(model.device) for k, v in collate(examples[i:i + batch_size], tokenizer.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="sum").item()
+        tokens += int((labels != -100).sum())
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
 def evaluate_policy(model, tokenizer, world: dict, n: int, seed: int, max_new_tokens: int) -> dict:
     """Oracle quality of samples at temperature 1 on held-out queries, relevant statement in context."""
     from alignment.oracle import eval_prompts, response_quality
@@ -134,15 +169,30 @@ def main(cfg: SFTConfig) -> Path:
     # --- setup
     run = Run.start(cfg, "sft", runs_dir=cfg.runs_dir, name=cfg.name, resume=cfg.resume)
     seed_everything(cfg.seed)
-    world_path, world = load_dialogues(cfg)
-    run.add_meta("world", str(world_path))
-    tokenizer = load_tokenizer(pretrained_path(cfg.model) or world_path / "tokenizer")
+    if cfg.pairs is None:
+        world_path, world = load_dialogues(cfg)
+        run.add_meta("world", str(world_path))
+        tokenizer = load_tokenizer(pretrained_path(cfg.model) or world_path / "tokenizer")
+        dialogues, held = world["dialogues"], []
+    else:
+        if pretrained_path(cfg.model) is None:
+            raise ConfigError("pairs: real-format data needs a pretrained model (model.preset: smollm2-135m-instruct "
+                              "or model.name_or_path), not the world preset")
+        log.info("sft: %s pairs from %s (prompt -> chosen); the world's oracle summary is world-bound and skipped",
+                 cfg.pairs.adapter, cfg.pairs.source)
+        world = None
+        tokenizer = load_tokenizer(pretrained_path(cfg.model))
+        dialogues, held = pair_dialogues(cfg.pairs, cfg.seed)
     model = load_causal_lm(cfg.model, tokenizer)
     log.info("policy: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
 
     # --- data
-    examples, dropped = encode(tokenizer, world["dialogues"], cfg.max_length)
-    run.add_meta("examples", {"kept": len(examples), "dropped_too_long": dropped})
+    examples, dropped = encode(tokenizer, dialogues, cfg.max_length)
+    if not examples:
+        raise ConfigError(f"max_length: all {dropped} examples are longer than {cfg.max_length} tokens")
+    held_examples = encode(tokenizer, held, cfg.max_length)[0]
+    run.add_meta("examples", {"kept": len(examples), "dropped_too_long": dropped, "held_out": len(held_examples)})
+    nll_before = held_out_nll(model, tokenizer, held_examples, cfg.eval_batch_size) if held_examples else None
 
     # --- optimizer, schedule; the data order is a function of (seed, step), so resume needs no sampler state
     lengths = np.array([len(p) + len(r) for p, r in examples])
@@ -171,7 +221,15 @@ def main(cfg: SFTConfig) -> Path:
             run.save_checkpoint(step + 1, model, optimizer, scheduler, tokenizer=tokenizer)
     train_seconds = time.time() - t0
 
-    # --- closing summary by the oracle
+    # --- closing summary: the world's oracle, or the held-out NLL of real-format pairs
+    if world is None:
+        quality = {"held_out_nll": {"before": nll_before, "after": held_out_nll(model, tokenizer, held_examples,
+                                                                              cfg.eval_batch_size)
+                                    if held_examples else None}, "train_seconds": train_seconds}
+        print(f"sft: {cfg.steps} steps in {train_seconds:.0f}s; held-out chosen-reply NLL per token "
+              f"{quality['held_out_nll']['before']} -> {quality['held_out_nll']['after']}")
+        run.finish({"held_out": quality, "policy": str(final_model(run.dir).relative_to(run.dir))})
+        return run.dir
     quality = evaluate_policy(model, tokenizer, world, cfg.eval_samples, cfg.seed, cfg.max_new_tokens)
     quality["train_seconds"] = train_seconds
     run.log(cfg.steps, **{f"eval/{k}": v for k, v in quality.items()})

@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from alignment.config import ModelConfig
+from alignment.adapters import split_counts
+from alignment.config import AdapterData, ModelConfig
 from alignment.eval_fspo import EvalSettings, attribute_space, posterior_mean, true_reward_fn, win_rates
 from alignment.fspo import (
-    AdapterData,
     FSPOConfig,
     bucketed_order,
     collate,
     other_description,
     shared_prompt_logps,
-    split_counts,
     token_counts,
 )
 from alignment.records import Episode, PreferencePair

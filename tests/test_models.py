@@ -41,12 +41,21 @@ def test_pick_device_and_dtype():
             pick_device("cuda")
 
 
-def test_tokenizer_without_pad_gets_a_dedicated_one(tmp_path, caplog):
+def test_tokenizer_without_pad_pads_with_a_spare_special_token(tmp_path, caplog):
     build_tiny_tokenizer(pad=False).save_pretrained(tmp_path)
     with caplog.at_level("INFO", logger="alignment.models"):
         tokenizer = load_tokenizer(tmp_path)
-    assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id != tokenizer.eos_token_id
-    assert "dedicated <pad>" in caplog.text
+    # <pad> is in the vocabulary but not a special token here; unk is, and no text contains it. Nothing is added.
+    assert tokenizer.pad_token == "<unk>" and tokenizer.pad_token_id == 3 and len(tokenizer) == 47
+    assert "padding with '<unk>'" in caplog.text
+
+
+def test_tokenizer_with_no_spare_token_pads_with_eos(tmp_path):
+    tokenizer = build_tiny_tokenizer(pad=False)
+    tokenizer.unk_token = None
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = load_tokenizer(tmp_path)
+    assert reloaded.pad_token_id == reloaded.eos_token_id == 2 and len(reloaded) == 47  # masks come from lengths
 
 
 def test_tokenizer_padding_with_eos_is_replaced(tmp_path):
