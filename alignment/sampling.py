@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from alignment.models import stop_ids
+
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
     """The chat-template text of `messages` followed by the assistant header (no special tokens added twice)."""
@@ -33,6 +35,7 @@ def sample_responses(model, tokenizer, prompts: list[list[dict]], *, n: int = 1,
     torch.manual_seed(seed)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     texts = [render_prompt(tokenizer, p) for p in prompts for _ in range(n)]
+    stops = stop_ids(model, tokenizer)  # chat models may end on several ids (generation_config's list)
     out: list[str] = []
     try:
         for i in range(0, len(texts), batch_size):
@@ -41,7 +44,7 @@ def sample_responses(model, tokenizer, prompts: list[list[dict]], *, n: int = 1,
             sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
                 else {"do_sample": False}
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **sampling)
+                                 eos_token_id=stops, **sampling)
             out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
