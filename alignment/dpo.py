@@ -336,19 +336,20 @@ def train(cfg: DPOConfig, run, base, tokenizer, pairs: list[dict]):
     """DPO from `base` (frozen, the reference) on `pairs`; returns the trained policy (LoRA merged)."""
     import copy
 
-    from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
     from alignment.losses import LENGTH_AVERAGED
     from alignment.models import attach_lora
+    from alignment.runs import json_digest
 
-    # --- reference log-probs, computed once per run (a resumed run reads them back)
+    # --- reference log-probs, computed once per run (a resumed run reads them back while they still apply)
     votes = torch.tensor([p["votes"] or [1.0, 0.0] for p in pairs])  # (P, 2): w12, w21 of APC eq. 9
     make_batch = batches(pairs, tokenizer, max_length=base.config.max_position_embeddings)
-    if not run.path("ref_logps.safetensors").exists():
-        ref = reference_logps(base, make_batch, len(pairs), cfg.batch_size, LENGTH_AVERAGED[cfg.loss])
-        save_file({"ref": ref}, str(run.path("ref_logps.safetensors")))
-    ref = load_file(str(run.path("ref_logps.safetensors")))["ref"]  # (P, 2)
+    average = LENGTH_AVERAGED[cfg.loss]
+    fingerprint = {"length_averaged": average, "pairs": json_digest([[p["prompt"], p["chosen"], p["rejected"]]
+                                                                for p in pairs]), "batch_size": cfg.batch_size}
+    ref = run.cached_tensor("ref_logps.safetensors", fingerprint,
+                            lambda: reference_logps(base, make_batch, len(pairs), cfg.batch_size, average))  # (P, 2)
 
     # --- policy, optimizer, schedule, data order
     policy = copy.deepcopy(base)

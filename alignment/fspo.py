@@ -461,12 +461,11 @@ def lr_lambda(total: int):
 def main(cfg: FSPOConfig) -> Path:
     import copy
 
-    from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
     from alignment.losses import LENGTH_AVERAGED
     from alignment.records import Episode, read_jsonl, write_jsonl
-    from alignment.runs import Run, seed_everything
+    from alignment.runs import Run, json_digest, seed_everything
     from alignment.shots import sample_episodes
 
     # --- setup
@@ -516,12 +515,16 @@ def main(cfg: FSPOConfig) -> Path:
         raise RuntimeError("no training episode fits max_length; raise max_length or lower k_max")
     if min(min(len(e.chosen), len(e.rejected)) for e in encoded) < 1:  # fit_episode guarantees it; never train on 0
         raise RuntimeError("an example has no target token")
-    if not run.path("ref_logps.safetensors").exists():
+    def compute_ref() -> torch.Tensor:
         t0 = time.time()
-        save_file({"ref": reference_logps(start, episodes, encoded, pad, cfg.batch_size)},
-                  str(run.path("ref_logps.safetensors")))
+        ref = reference_logps(start, episodes, encoded, pad, cfg.batch_size)
         run.add_meta("ref_logps_seconds", time.time() - t0)
-    ref = load_file(str(run.path("ref_logps.safetensors")))["ref"]  # (N, 2) summed over completion tokens
+        return ref
+
+    # (N, 2) summed over completion tokens; a resumed run reads them back while the episodes are the same
+    fingerprint = {"episodes": json_digest([[e.prompt, e.chosen, e.rejected] for e in encoded]),
+                   "batch_size": cfg.batch_size}
+    ref = run.cached_tensor("ref_logps.safetensors", fingerprint, compute_ref)
 
     # --- policy, optimizer, schedule, data order (a seeded generator, checkpointed)
     policy = with_adapter(copy.deepcopy(start), cfg.lora)  # the reference is `start` too: it sees the same context

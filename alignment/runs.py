@@ -53,7 +53,8 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file, save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save, save_file, save_model
 
 from alignment.config import save_config, to_yaml
 from alignment.model_sources import named_sources
@@ -115,6 +116,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with _atomic_open(path, "w") as f:
         f.write(text)
+
+
+def json_digest(obj: Any) -> str:
+    """16 hex digits of sha256 over `obj` as canonical JSON: a fingerprint of data a cached file was computed from."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -345,6 +353,26 @@ class Run:
     def path(self, name: str) -> Path:
         """A file or folder inside the run directory."""
         return self.dir / name
+
+    def cached_tensor(self, name: str, fingerprint: dict[str, Any], compute: Any) -> torch.Tensor:
+        """`compute()` run once per run and kept as the file `name` (safetensors, written atomically), e.g. the
+        reference log-probs. `fingerprint` (JSON values) names what the tensor depends on: a file with another
+        fingerprint (resume=true after a config change, say loss sigmoid -> ipo, whose reference log-probs are
+        length-averaged) or one that does not load (a write killed by an older version) is computed again, with
+        one log line saying why."""
+        path, stamp = self.path(name), json.dumps(fingerprint, sort_keys=True)
+        if path.exists():
+            try:
+                with safe_open(str(path), "pt") as f:
+                    if (f.metadata() or {}).get("fingerprint") == stamp:
+                        return f.get_tensor("value")
+                why = f"it was computed for another config ({stamp} now)"
+            except (SafetensorError, OSError) as exc:
+                why = f"it does not load: {exc}"
+            log.warning("%s: computing it again, %s", name, why)
+        value = compute()
+        atomic_write_bytes(path, save({"value": value.contiguous()}, metadata={"fingerprint": stamp}))
+        return value
 
     def add_meta(self, key: str, value: Any) -> None:
         """Record e.g. an input hash under meta.json's `data` dict (rewritten atomically)."""

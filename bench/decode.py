@@ -19,7 +19,13 @@ and for each, 16 users with prompts of ~48 tokens and 128 new tokens each, greed
                       and scaled linearly to 16 (the loop is sequential with identical work per user), against
                       ours (cached, 16 users batched). Both must emit the same tokens first.
 
+    real    SmolLM2-135M-Instruct (`--models smollm2-135m-instruct`, alignment/model_sources.py): 16 users with
+            English chat prompts and personas, 32 new tokens; PAD self-guided (the base model itself reads the
+            user's persona in its system turn; the base reads the prompt without it) against plain decoding, and
+            16 different personas against 16 users sharing one; our loop against HF generate (greedy tokens)
+
     python bench/decode.py                      # ~11 min on the 2-core CPU
+    python bench/decode.py --models smollm2-135m-instruct   # the real model's rows alone
     python bench/decode.py --models bench --repeats 5 --threads 2
     python bench/decode.py --device cuda --dtype bfloat16   # on a GPU (every step synchronized before its clock stops)
 
@@ -57,6 +63,7 @@ from decoding.guides import Guide, left_pad
 from decoding.processors import RuleProcessor, drift_rule, genarm_rule, pad_rule
 
 EOS, PAD = 2, 0
+REAL = "smollm2-135m-instruct"
 SHAPES = {  # (hidden, layers, heads, intermediate, vocab) of the base; the small guide is ~1/8 of its parameters
     "world": {"base": (128, 3, 4, 384, 512), "small": (32, 2, 2, 96, 512)},
     "bench": {"base": (512, 6, 8, 1024, 8192), "small": (160, 2, 5, 320, 8192)},
@@ -273,6 +280,79 @@ def suite(models: dict, users: int, n: int, repeats: int, sample_users: int) -> 
             "tokens_per_second": tps, "same_tokens": same}
 
 
+# --- the real model: self-guided PAD on English chat prompts ---------------------------------------------------------
+QUESTIONS = ["How do I boil an egg?", "What is a good way to learn a new language?", "Why is the sky blue?",
+             "How can I sleep better?", "What should I pack for a weekend trip?", "How does a bicycle stay up?",
+             "What is compound interest?", "How do I start running?", "Why do cats purr?",
+             "How can I focus while studying?", "What is a healthy breakfast?", "How do plants make food?",
+             "How do I write a thank-you note?", "What causes rain?", "How do I keep basil alive?",
+             "What is the difference between weather and climate?"]
+PERSONAS = ["I like short answers.", "Please answer in bullet points, I skim.",
+            "I am a retired engineer who enjoys technical detail and precise numbers in every answer.",
+            "Be enthusiastic!", "I prefer a formal tone.", "Give me one concrete example every time.",
+            "I am ten years old, so please use very simple words and short sentences.",
+            "End with a question to me.", "No lists, please; write flowing prose.", "Keep it casual and friendly.",
+            "I am a busy doctor; one sentence is all I have time to read, so get to the point quickly.",
+            "I love jokes.", "Use headings.", "I am learning English; avoid idioms.",
+            "Explain like a patient teacher who checks that I understood each step before moving on.",
+            "Just the facts."]
+
+
+def real_workload(tokenizer, users: int, shared: bool) -> dict:
+    """Token rows of the base (the question, the model's default system turn) and of the self-guide (the same
+    question with the user's persona as the system turn); `shared`: every user given persona 0."""
+    from alignment.sampling import render_prompt
+
+    encode = lambda messages: tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    questions = [QUESTIONS[u % len(QUESTIONS)] for u in range(users)]
+    personas = [PERSONAS[0 if shared else u % len(PERSONAS)] for u in range(users)]
+    return {"base": [encode([{"role": "user", "content": q}]) for q in questions],
+            "guide": [encode([{"role": "system", "content": p}, {"role": "user", "content": q}])
+                      for p, q in zip(personas, questions, strict=True)]}
+
+
+def real_steps(model, tokenizer, stops, w: dict, n: int, pad: bool):
+    """Our loop on the real model; `pad`: the self-guided PAD rule (w = 1, top-10) built in the first step."""
+    device = model.device
+    rule = pad_rule(Guide(model, *left_pad(w["guide"], tokenizer.pad_token_id, device)), 1.0, 10) if pad else None
+    yield from decode_steps(model, *left_pad(w["base"], tokenizer.pad_token_id, device), rule, max_new_tokens=n,
+                            min_new_tokens=n, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+
+
+def real_suite(device: str, dtype: str, users: int, n: int, repeats: int) -> dict:
+    from alignment.config import ModelConfig
+    from alignment.models import load_causal_lm, load_tokenizer, stop_ids
+
+    tokenizer = load_tokenizer(REAL)
+    model = load_causal_lm(ModelConfig(preset=REAL, device=device, dtype=dtype), tokenizer)
+    stops = stop_ids(model, tokenizer)
+    mixed, shared = real_workload(tokenizer, users, False), real_workload(tokenizer, users, True)
+    plain = lambda: real_steps(model, tokenizer, stops, mixed, n, pad=False)
+    c = {"pad_vs_plain": measure(lambda: real_steps(model, tokenizer, stops, mixed, n, pad=True), plain, n, repeats),
+         "mixed_vs_shared": measure(lambda: real_steps(model, tokenizer, stops, shared, n, pad=True),
+                                    lambda: real_steps(model, tokenizer, stops, mixed, n, pad=True), n, repeats)}
+    ours = torch.stack(c["pad_vs_plain"]["last"]["baseline_tokens"], 1)
+    ids, mask = left_pad(mixed["base"], tokenizer.pad_token_id, device)
+    with torch.inference_mode():
+        hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                            eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]
+    for r in c.values():
+        del r["last"]
+    return {"params": params(model), "comparisons": c, "same_tokens": {"ours_vs_hf_plain": float((hf == ours)
+            .float().mean())}, "tokens_per_second": {"plain_ours": users * n / c["pad_vs_plain"]["baseline_s"],
+                                                      "pad_self": users * n / c["pad_vs_plain"]["candidate_s"]}}
+
+
+def report_real(r: dict, users: int, n: int) -> None:
+    c, tps = r["comparisons"], r["tokens_per_second"]
+    print(f"\n== {REAL} ({r['params'] / 1e6:.1f}M, Q4_1-dequantized weights); {users} users x {n} new tokens")
+    print(f"plain: our loop {tps['plain_ours']:.0f} tok/s; self-guided PAD {tps['pad_self']:.0f} tok/s = "
+          f"{c['pad_vs_plain']['ratio']:.2f}x the time of plain (the guide is the same model: twice the compute)")
+    print(f"pad: {users} different personas reach {c['mixed_vs_shared']['ratio']:.1%} of the throughput of "
+          f"{users} users sharing one")
+    print(f"same tokens, our plain loop vs HF generate (greedy): {r['same_tokens']['ours_vs_hf_plain']:.1%}")
+
+
 def report(name: str, r: dict, users: int, n: int, sample_users: int) -> None:
     p, c, tps, hf = r["params"], r["comparisons"], r["tokens_per_second"], r["hf_whole_runs"]
     x = {k: v["ratio"] for k, v in c.items()}
@@ -294,7 +374,8 @@ def report(name: str, r: dict, users: int, n: int, sample_users: int) -> None:
 
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="world,bench", help="comma-separated: world, bench")
+    parser.add_argument("--models", default=f"world,bench,{REAL}", help=f"comma-separated: world, bench, {REAL}")
+    parser.add_argument("--real-new-tokens", type=int, default=32, help=f"new tokens per user on {REAL}")
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
@@ -308,6 +389,13 @@ def main() -> dict:
     figures = {"users": args.users, "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads,
                "device": args.device, "dtype": args.dtype}
     for name in args.models.split(","):
+        if name == REAL:
+            r = real_suite(args.device, args.dtype, args.users, args.real_new_tokens, args.repeats)
+            report_real(r, args.users, args.real_new_tokens)
+            figures[name] = r
+            figures["real_pad_vs_plain"] = r["comparisons"]["pad_vs_plain"]["ratio"]
+            figures["real_mixed_vs_shared"] = r["comparisons"]["mixed_vs_shared"]["ratio"]
+            continue
         if name == "world":
             base, source = world_policy_or_random()
             shape = SHAPES["world"]["small"][:-1] + (base.config.vocab_size,)

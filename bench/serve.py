@@ -19,6 +19,8 @@ Models (the two of bench/decode.py, whose shapes are imported from there):
     world   the tiny world policy's shape (~0.7M parameters); its trained weights when the default world SFT
             policy is cached, else random weights
     bench   a ~25M-parameter Llama (6 layers x 512, vocabulary 8192), random weights
+    smollm2-135m-instruct   the real model (`--models smollm2-135m-instruct`; alignment/model_sources.py): English
+            questions with its chat template, greedy, stopping on its own EOS (every mode does the same work)
 
 Random-weight models get a word-level tokenizer of their vocabulary with a chat template, and their EOS row of
 lm_head is zeroed so that no row stops early (all modes then generate exactly the same tokens; bench/decode.py
@@ -62,13 +64,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from decode import SHAPES, build  # noqa: E402  (bench/decode.py: the same two models as the decoding bench)
+from decode import QUESTIONS, REAL, SHAPES, build  # noqa: E402  (bench/decode.py: the decoding bench's models)
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # (requests per mode, new tokens per request): the world model as bench/decode.py (128 tokens); the 25M model is
 # compute-bound on a CPU (~13 ms a step alone), so shorter requests keep its one-at-a-time run near a minute.
 # 4 rounds of 32: a finite closed loop ends with one partial batch (clients that fell one request behind).
-WORKLOAD = {"world": (128, 128), "bench": (128, 32)}
+# The real model (134.5M) decodes ~20 tokens/s alone on one CPU thread: 32 requests of 32 tokens keep its
+# one-at-a-time rounds near a minute.
+WORKLOAD = {"world": (128, 128), "bench": (128, 32), REAL: (32, 32)}
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 
@@ -95,6 +99,10 @@ def policy_dir(name: str, out: Path) -> tuple[Path, str]:
     from alignment.models import save_model
     from alignment.sft import SFTConfig, final_model
 
+    if name == REAL:
+        from alignment.model_sources import model_path
+
+        return Path(model_path(REAL)), "SmolLM2-135M-Instruct, Q4_1-dequantized"
     if name == "world":
         cached = artifact_dir("sft", replace(SFTConfig(), runs_dir=""), runs_dir=ROOT / "runs")
         if is_complete(cached):
@@ -106,8 +114,12 @@ def policy_dir(name: str, out: Path) -> tuple[Path, str]:
     return out / name, f"random weights, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
 
 
-def requests_for(tokenizer, n: int, new_tokens: int, seed: int = 0) -> list[dict]:
-    """n chat requests of ~40 words drawn from the tokenizer's vocabulary (ids >= 8: no specials)."""
+def requests_for(tokenizer, n: int, new_tokens: int, seed: int = 0, english: bool = False) -> list[dict]:
+    """n chat requests of ~40 words drawn from the tokenizer's vocabulary (ids >= 8: no specials); `english`: the
+    everyday questions of bench/decode.py, with the model's default system turn."""
+    if english:
+        return [{"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "max_tokens": new_tokens,
+                 "temperature": 0, "seed": i} for i in range(n)]
     g = torch.Generator().manual_seed(seed)
     vocab = [w for w, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]) if i >= 8 and w.isalnum()]
     out = []
@@ -199,8 +211,8 @@ def summary(tokens: int, seconds: float, latencies: list[float]) -> dict:
 def offline(policy: Path, requests: list[dict], new_tokens: int, args) -> dict:
     """The same prompts through `generate` directly, in batches of args.batch (no HTTP, no queue)."""
     from alignment.config import ModelConfig
-    from alignment.models import load_causal_lm, load_tokenizer
-    from decoding.generate import encode_prompts, generate, stop_ids
+    from alignment.models import load_causal_lm, load_tokenizer, stop_ids
+    from decoding.generate import encode_prompts, generate
 
     tok = load_tokenizer(policy)
     model = load_causal_lm(ModelConfig(name_or_path=str(policy), dtype=args.dtype, device=args.device), tok)
@@ -222,7 +234,7 @@ def bench_model(name: str, args, work: Path) -> dict:
 
     n, new_tokens = args.requests or WORKLOAD[name][0], args.new_tokens or WORKLOAD[name][1]
     policy, source = policy_dir(name, work)
-    requests = requests_for(load_tokenizer(policy), n, new_tokens)
+    requests = requests_for(load_tokenizer(policy), n, new_tokens, english=name == REAL)
     (work / f"server-{name}").mkdir(parents=True, exist_ok=True)
     first = offline(policy, requests, new_tokens, args)  # measured before and after the server, the best kept
     proc, url = start_server(policy, args, new_tokens, work / f"server-{name}")
@@ -258,7 +270,7 @@ def report(name: str, r: dict) -> None:
 
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="world,bench")
+    parser.add_argument("--models", default=f"world,bench,{REAL}")
     parser.add_argument("--requests", type=int, help="requests per mode, a multiple of 32 (default per model)")
     parser.add_argument("--new-tokens", type=int, help="per request (default per model)")
     parser.add_argument("--clients", default="8,32", type=lambda s: [int(c) for c in s.split(",")])
@@ -278,6 +290,8 @@ def main() -> dict:
             r = bench_model(name, args, Path(tmp))
             report(name, r)
             figures[name] = r
+    if REAL in figures:
+        figures["real_serve_32_vs_offline"] = figures[REAL]["ratios"].get("clients_32_vs_offline")
     figures["load_average"] = {"before": load_before, "after": os.getloadavg()}
     print(f"\nload average {load_before[0]:.1f} -> {figures['load_average']['after'][0]:.1f} on {os.cpu_count()} "
           f"cores, {args.threads} torch thread(s)")

@@ -45,7 +45,11 @@ def test_apc_dpo_runs_end_to_end_and_moves_the_policy(runs):
     for row in results["rows"].values():
         assert row["oracle"]["lo"] <= row["oracle"]["mean"] <= row["oracle"]["hi"]
     assert "RAG+APC-DPO - RAG" in results["differences"]
-    assert (run_dir / "results.md").read_text().startswith("ΔAPC on")
+    table = (run_dir / "results.md").read_text()
+    # The tiny test policy writes almost no valid world sentence: the table says it is void first when it is.
+    void = max(row["valid"] for row in results["rows"].values()) < 0.05
+    assert table.startswith("**the APC table is void") if void else table.startswith("ΔAPC on")
+    assert "ΔAPC on" in table and ("void" in results) == void
     pairs = [json.loads(line) for line in (run_dir / "pairs.jsonl").read_text().splitlines()]
     assert pairs and all(p["chosen_reward"] > p["rejected_reward"] for p in pairs)
     assert all(p["chosen"] != p["rejected"] for p in pairs)

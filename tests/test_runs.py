@@ -284,3 +284,30 @@ def test_resume_without_rng_restore_diverges(in_tmp, monkeypatch):
     resumed_run = Run.start(cfg, "sft", name="crashy", resume=True)
     train(resumed_run, cfg)
     assert abs(metrics(full)[4]["loss"] - metrics(resumed_run)[4]["loss"]) > 1e-6
+
+
+def test_cached_tensor_is_computed_once_and_again_when_its_inputs_change(in_tmp, caplog):
+    run = Run.start(LoopConfig(), "t")
+    calls = []
+
+    def compute(value):
+        calls.append(value)
+        return torch.full((3, 2), float(value))
+
+    first = run.cached_tensor("ref.safetensors", {"length_averaged": False}, lambda: compute(1))
+    again = run.cached_tensor("ref.safetensors", {"length_averaged": False}, lambda: compute(2))
+    assert calls == [1] and torch.equal(first, again)  # read back, not recomputed
+    with caplog.at_level("WARNING", logger="alignment.runs"):
+        changed = run.cached_tensor("ref.safetensors", {"length_averaged": True}, lambda: compute(3))
+    assert calls == [1, 3] and changed[0, 0] == 3.0 and "computed for another config" in caplog.text
+
+
+def test_cached_tensor_left_truncated_is_computed_again(in_tmp, caplog):
+    run = Run.start(LoopConfig(), "t")
+    run.cached_tensor("ref.safetensors", {"k": 1}, lambda: torch.ones(4))
+    data = run.path("ref.safetensors").read_bytes()
+    run.path("ref.safetensors").write_bytes(data[: len(data) // 2])  # what an in-place write killed mid-way leaves
+    with caplog.at_level("WARNING", logger="alignment.runs"):
+        value = run.cached_tensor("ref.safetensors", {"k": 1}, lambda: torch.zeros(4))
+    assert torch.equal(value, torch.zeros(4)) and "does not load" in caplog.text
+    assert torch.equal(run.cached_tensor("ref.safetensors", {"k": 1}, lambda: torch.ones(4)), torch.zeros(4))
