@@ -190,6 +190,8 @@ def _build(auto_cls: Any, cfg: ModelConfig, tokenizer: Any, **head: Any) -> PreT
         model = auto_cls.from_config(_preset_config(cfg, tokenizer, **head)).to(dtype=dtype)
     elif (Path(path) / "adapter_config.json").is_file():
         model = _merged_adapter(auto_cls, path, dtype, **head)
+    elif head:
+        model = _with_new_head(auto_cls, path, dtype, **head)
     else:
         # dtype is always explicit: v5 otherwise loads the dtype stored in config.json (ecosystem.md §2.2).
         # No later .to(dtype): it would also cast the modules a model keeps in fp32 on purpose.
@@ -199,6 +201,28 @@ def _build(auto_cls: Any, cfg: ModelConfig, tokenizer: Any, **head: Any) -> PreT
     if cfg.lora is not None:
         model = attach_lora(model, cfg.lora)
     return model.eval()
+
+
+def _with_new_head(auto_cls: Any, path: str, dtype: torch.dtype, **head: Any) -> PreTrainedModel:
+    """A classifier with a new head on a checkpoint without one (a causal LM): its head is missing and its lm_head
+    unused by design, so transformers' LOAD REPORT table of both (which a newcomer reads as an error) is replaced
+    by one log line; any other missing or unexpected key is still a warning that names it."""
+    modeling_log = logging.getLogger("transformers.modeling_utils")
+    no_report = lambda record: "LOAD REPORT" not in record.getMessage()  # a filter, not a level: transformers
+    modeling_log.addFilter(no_report)  # checks its logger's level to decide other warnings
+    try:
+        model, info = auto_cls.from_pretrained(path, dtype=dtype, output_loading_info=True, **head)
+    finally:
+        modeling_log.removeFilter(no_report)
+    prefix = f"{model.base_model_prefix}."
+    missing = [k for k in info["missing_keys"] if k.startswith(prefix)]
+    unexpected = [k for k in info["unexpected_keys"] if not k.startswith("lm_head.")]
+    if missing or unexpected or info.get("mismatched_keys"):
+        log.warning("%s: weights that do not fit %s: missing %s, unexpected %s, mismatched %s", path,
+                    type(model).__name__, missing[:5], unexpected[:5], info.get("mismatched_keys", [])[:5])
+    log.info("%s: %s with a new %d-output head (%s), the checkpoint's lm_head unused", path, type(model).__name__,
+             model.config.num_labels, ", ".join(k for k in info["missing_keys"] if not k.startswith(prefix)))
+    return model
 
 
 def _merged_adapter(auto_cls: Any, path: str, dtype: torch.dtype, **head: Any) -> PreTrainedModel:

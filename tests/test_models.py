@@ -179,3 +179,22 @@ def test_tokenizer_growth_resizes_pretrained_embeddings(tmp_path, tiny_tokenizer
     grown.add_tokens(["lisbon"])
     model = load_causal_lm(ModelConfig(name_or_path=str(tmp_path / "lm")), grown)
     assert len(grown) == 48 and model.get_input_embeddings().num_embeddings == 48
+
+
+def test_new_classifier_head_prints_no_load_report(tmp_path, tiny_tokenizer, tiny_model_config, capfd, caplog):
+    """A causal LM checkpoint under a new classification head misses its head and leaves lm_head unused by design;
+    transformers' LOAD REPORT table of both reads as an error to a newcomer, so one log line replaces it."""
+    from transformers.utils import logging as hf_logging
+
+    save_model(load_causal_lm(tiny_model_config, tiny_tokenizer), tiny_tokenizer, tmp_path / "lm")
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    try:
+        with caplog.at_level("INFO", logger="alignment.models"):
+            model = load_sequence_classifier(ModelConfig(name_or_path=str(tmp_path / "lm"), device="cpu"),
+                                             tiny_tokenizer, NLI)
+    finally:
+        hf_logging.set_verbosity(level)
+    out = capfd.readouterr()
+    assert "LOAD REPORT" not in out.err + out.out and "not sharded" not in out.err + out.out
+    assert "with a new 3-output head (score.weight)" in caplog.text and model.config.num_labels == 3
