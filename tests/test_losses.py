@@ -226,18 +226,14 @@ PAIRS = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_losses_match_trl_dpo_trainer(loss_type, tmp_path, monkeypatch):
-    """Our build_pair_batch, pair_logps and loss reproduce DPOTrainer's batch, log-probs and loss."""
+def trl_trainer(tmp_path, monkeypatch, **args):
+    """(tokenizer, DPOTrainer) over PAIRS: a 2-layer Llama policy moved off its reference copy, TRL 1.16 args."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     from datasets import Dataset
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer
-
-    from alignment.logps import build_pair_batch, pair_logps
 
     words = "<pad> </s> <unk> where do you live ? i in lyon paris what is your job a baker".split()
     raw = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -252,22 +248,32 @@ def test_losses_match_trl_dpo_trainer(loss_type, tmp_path, monkeypatch):
     with torch.no_grad():  # move the policy off the reference, else every loss is its h = 0 value
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
+    config = DPOConfig(output_dir=str(tmp_path), bf16=False, gradient_checkpointing=False, report_to="none",
+                       save_strategy="no", disable_tqdm=True, dataloader_pin_memory=False, **args)
+    return tok, DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=Dataset.from_dict(PAIRS),
+                           processing_class=tok)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("loss_type", "max_length"), [("sigmoid", 64), ("ipo", 64), ("sigmoid", 9)])
+def test_losses_match_trl_dpo_trainer(loss_type, max_length, tmp_path, monkeypatch):
+    """Our build_pair_batch, pair_logps and loss reproduce DPOTrainer's batch, log-probs and loss; also with
+    max_length 9, which cuts the completions of two pairs (TRL keeps the start of prompt + completion, as we do while
+    the prompt fits; a prompt longer than max_length keeps its end here, and at least one completion token, where
+    TRL would keep no completion token at all)."""
+    from alignment.logps import build_pair_batch, pair_logps
 
     beta = 0.1
-    args = DPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_length=64, beta=beta, loss_type=[loss_type],
-        bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no", disable_tqdm=True,
-        dataloader_pin_memory=False,
-    )  # fmt: skip
-    trainer = DPOTrainer(
-        model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_dict(PAIRS), processing_class=tok
-    )
+    tok, trainer = trl_trainer(tmp_path, monkeypatch, per_device_train_batch_size=4, max_length=max_length,
+                               beta=beta, loss_type=[loss_type])
 
     # same layout: TRL's collator on its own tokenized rows, in order, equals our batch
     theirs = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS["prompt"]))])
-    ours = build_pair_batch(tok, PAIRS["prompt"], PAIRS["chosen"], PAIRS["rejected"], max_length=64)
+    ours = build_pair_batch(tok, PAIRS["prompt"], PAIRS["chosen"], PAIRS["rejected"], max_length=max_length)
     for key in ours:
         assert torch.equal(theirs[key], ours[key]), key
+    if max_length < 64:  # the cut happened: rows of max_length tokens, some without their EOS
+        assert ours["input_ids"].shape[1] == max_length and (ours["input_ids"][:, -1] != tok.eos_token_id).any()
 
     batch = next(iter(trainer.get_train_dataloader()))  # shuffled: the rows' order is TRL's, not ours
     average = LENGTH_AVERAGED[loss_type]
@@ -291,3 +297,24 @@ def test_losses_match_trl_dpo_trainer(loss_type, tmp_path, monkeypatch):
     else:  # the other length convention gives a different IPO loss: the test can tell sum from average
         wrong = ipo_loss(*summed, *summed_ref, beta)[0].mean()
         assert abs(wrong.item() - trl_loss.item()) > 1e-2
+
+
+@pytest.mark.slow
+def test_label_smoothing_matches_trl_on_single_pairs(tmp_path, monkeypatch):
+    """dpo_loss with label smoothing eps (conservative DPO, the form eq. 9's soft labels take) against TRL 1.16,
+    whose sigmoid loss ignores label_smoothing: its `aot` loss is -(1 - eps) log s(b d) - eps log s(-b d) over
+    log-ratio differences d sorted across the batch, which for a batch of one pair is exactly this loss."""
+    from alignment.logps import pair_logps
+
+    beta, eps = 0.1, 0.25
+    _, trainer = trl_trainer(tmp_path, monkeypatch, per_device_train_batch_size=1, max_length=64, beta=beta,
+                             loss_type=["aot"], label_smoothing=eps)
+    for i in range(len(PAIRS["prompt"])):
+        batch = trainer.data_collator([trainer.train_dataset[i]])
+        with torch.no_grad():
+            trl_loss = trainer.compute_loss(trainer.model, batch)
+            ours = dpo_loss(*pair_logps(trainer.model, batch), *pair_logps(trainer.ref_model, batch), beta=beta,
+                            label_smoothing=eps)[0]
+            plain = dpo_loss(*pair_logps(trainer.model, batch), *pair_logps(trainer.ref_model, batch), beta=beta)[0]
+        torch.testing.assert_close(ours[0], trl_loss, atol=1e-6, rtol=1e-6)
+        assert abs(plain.item() - trl_loss.item()) > 1e-4  # the smoothing changes the loss enough to tell
