@@ -5,6 +5,7 @@ preference prompting, measured by the persona world's true user rewards on held-
     python -m decoding.generate config=drift.yaml      # + Drift's weight recovery at 10/25/50/100 pairs
     python -m decoding.generate config=genarm.yaml genarm.alpha=2
     python -m decoding.generate config=args.yaml split=val
+    python -m decoding.generate config=real/generate.yaml   # SmolLM2-135M-Instruct, no world artifact, ~2 min
 
 Every arm decodes the same prompts with the same temperature, length and per-row seeds (`generate`, one batched
 KV-cached loop for every arm; sampling is Gumbel-max with one generator per row, so a row's noise does not depend
@@ -23,6 +24,13 @@ not a valid sentence scores INVALID_REWARD). results.json / results.md: per arm,
 against the base (ties count half), with 95% bootstrap intervals over users, for all users and for users whose
 combination of stated preferences no train user has. Drift also reports the centred cosine between fitted and
 true weights at `drift.pair_counts` pairs (decoding/drift.py).
+
+A policy that is not a world model (another vocabulary, e.g. `policy=smollm2-135m-instruct`) gets no world guides
+(they are trained from the world SFT policy): one start-up line names what is world-bound and skipped (arms
+needing guides, the true-reward evaluation, which is void) and the rest runs: base, prompting, self-guided PAD
+(`pad.guide=base`, `pad.base_prompt=plain`: PAD's zero-training case) and zero-shot Drift (`drift.guide=base`,
+`drift.prompts=<attribute prompts JSON>`). results.md then carries the void note and every arm's cost per
+generated token against plain decoding (`cost` in results.json, for world runs too).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from alignment.models import stop_ids
 from alignment.world import WorldSpec
 from rewards.guides import GuidesConfig
 
@@ -143,14 +152,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rule=
     return torch.stack(list(decode_steps(model, input_ids, attention_mask, rule, **kw)), dim=1)
 
 
-def stop_ids(model, tokenizer) -> list[int]:
-    """Every token that ends a row: the generation config's EOS id(s) and the tokenizer's EOS."""
-    config = getattr(model, "generation_config", None)
-    eos = config.eos_token_id if config is not None else None
-    ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
-    return sorted(ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
-
-
 def encode_prompts(tokenizer, messages: list[list[dict]], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Chat prompts (with the assistant header) as left-padded (B, L) ids and mask."""
     from alignment.sampling import render_prompt
@@ -169,6 +170,7 @@ class PADSettings:
     w: float = 1.0  # interpolation weight: 0 = base, 1 = the guide's argmax inside the base top-k
     top_k: int = 10  # support: the base's top-k tokens
     base_prompt: BasePrompt = "preference"  # what the base reads in this arm (PAD's code: the preference prompt)
+    guide: Literal["pad", "base"] = "pad"  # the personalized model; base: self-guided (needs base_prompt plain)
 
 
 @dataclass
@@ -178,7 +180,8 @@ class DriftSettings:
     fit: Literal["closed_form", "sparse"] = "closed_form"
     sparsity: float = 0.25  # sparse fit: soft threshold as a share of the largest |mean Delta|
     pair_counts: list[int] = field(default_factory=lambda: [10, 25, 50, 100])  # weight recovery table
-    guide: Literal["pad", "base"] = "pad"  # the small LM under the attribute prompts
+    guide: Literal["pad", "base"] = "pad"  # the small LM under the attribute prompts (base: zero-shot Drift)
+    prompts: str | None = None  # attribute prompts JSON (e.g. real/drift_attributes.json); default: the guides'
     base_prompt: BasePrompt = "plain"  # Drift reads implicit preferences (pairs), not stated ones
 
 
@@ -198,6 +201,7 @@ class ARGSSettings:
 @dataclass
 class DecodeConfig:
     method: Literal["pad", "drift", "genarm", "args"] = "pad"
+    arms: list[str] = field(default_factory=list)  # more guided methods decoded beside `method` (e.g. [drift])
     seed: int = 0
     name: str | None = None  # run name; default decode-<method>-<timestamp>
     runs_dir: str = "runs"
@@ -209,6 +213,7 @@ class DecodeConfig:
     users: int = 100  # users of the split (0 = all)
     prompts_per_user: int = 4  # held-out queries per user
     temperature: float = 0.0  # 0 = greedy, the setting of PAD's and ARGS's released configs
+    top_p: float = 1.0  # nucleus of each sampled step (1 = every token; a pretrained chat model wants ~0.9)
     max_new_tokens: int = 80  # the longest world response is ~60 tokens
     batch_size: int = 64
     pad: PADSettings = field(default_factory=PADSettings)
@@ -254,13 +259,14 @@ class Decoders:
     guides: dict  # name -> model: pad, arm, rm
     drift_prompts: list[str]  # neutral first, then one per attribute
     drift_weights: dict  # user_id -> (m,) np.ndarray
+    drift_attributes: list[str] = field(default_factory=list)  # the names of drift_prompts[1:]
 
 
 def build_pad(d: Decoders, rows: list[dict]):
     from decoding.guides import Guide
     from decoding.processors import pad_rule
 
-    guide = Guide(d.guides["pad"], *encode_prompts(d.tokenizer, [r["preference"] for r in rows]))
+    guide = Guide(d.guides[d.cfg.pad.guide], *encode_prompts(d.tokenizer, [r["preference"] for r in rows]))
     return pad_rule(guide, d.cfg.pad.w, d.cfg.pad.top_k)
 
 
@@ -295,17 +301,22 @@ def build_args(d: Decoders, rows: list[dict]):
 METHODS = {"pad": build_pad, "drift": build_drift, "genarm": build_genarm, "args": build_args}
 
 
-def decode_arm(d: Decoders, rows: list[dict], prompt: BasePrompt, method: str | None) -> list[str]:
-    """Responses of one arm for every row, in batches of cfg.batch_size."""
-    cfg, tok, texts = d.cfg, d.tokenizer, []
+def decode_arm(d: Decoders, rows: list[dict], prompt: BasePrompt, method: str | None) -> tuple[list[str], int]:
+    """Responses of one arm for every row, in batches of cfg.batch_size, and the tokens generated (stop included)."""
+    cfg, tok, texts, tokens = d.cfg, d.tokenizer, [], 0
+    eos = stop_ids(d.base, tok)
     for s in range(0, len(rows), cfg.batch_size):
         chunk = rows[s:s + cfg.batch_size]
         ids, mask = encode_prompts(tok, [r[prompt] for r in chunk], d.base.device)
         rule = METHODS[method](d, chunk) if method else None
-        new = generate(d.base, ids, mask, rule, max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, temperature=cfg.temperature, seeds=[r["seed"] for r in chunk])
+        top_p = torch.full((len(chunk),), cfg.top_p) if cfg.top_p < 1 else None
+        new = generate(d.base, ids, mask, rule, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
+                       pad_token_id=tok.pad_token_id, temperature=cfg.temperature, seeds=[r["seed"] for r in chunk],
+                       top_p=top_p)
+        stop = torch.isin(new, torch.tensor(eos, device=new.device)).int()
+        tokens += int(((stop.cumsum(1) - stop) == 0).sum())  # positions up to each row's first stop token
         texts += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-    return texts
+    return texts, tokens
 
 
 # --- Drift: a labelled questionnaire, features, fitted weights ----------------------------------------------------
@@ -343,9 +354,10 @@ def label(pairs: list[dict], user: dict, quality: float, seed: int) -> np.ndarra
     return np.where(rng.random(len(pairs)) < people.bt_probability(user["temperature"], r[:, 0], r[:, 1]), 1.0, -1.0)
 
 
-def fit_drift(d: Decoders, world: dict, rows: list[dict]) -> dict:
-    """Fit every decoded user's weights from its labels of cfg.drift.pairs questionnaire pairs; the weight-recovery
-    table at cfg.drift.pair_counts pairs (nested prefixes of one questionnaire)."""
+def fit_drift(d: Decoders, world: dict, rows: list[dict], recovery: bool = True) -> dict:
+    """Fit every decoded user's weights from its labels of cfg.drift.pairs questionnaire pairs; with `recovery`
+    (the attributes are the world's own), the weight-recovery table at cfg.drift.pair_counts pairs (nested
+    prefixes of one questionnaire)."""
     from alignment.stats import bootstrap_ci
     from decoding.drift import attribute_rewards, fit_weights, weight_recovery
 
@@ -357,6 +369,10 @@ def fit_drift(d: Decoders, world: dict, rows: list[dict]) -> dict:
               for i, u in enumerate(users)]  # chosen minus rejected, per user
     for u, delta in zip(users, deltas, strict=True):
         d.drift_weights[u["user_id"]] = fit_weights(delta[:cfg.pairs], cfg.fit, cfg.sparsity)
+    if not recovery:  # other attributes than the world's: no true weights to recover
+        fitted = np.stack([d.drift_weights[u["user_id"]] for u in users])
+        return {"users": len(users), "pairs": cfg.pairs, "cosine": {},
+                "mean_weights": dict(zip(d.drift_attributes, fitted.mean(0).round(3).tolist(), strict=True))}
     true = np.array([u["weights"] for u in users])
     table = {method: {str(n): bootstrap_ci(c) for n, c in weight_recovery(deltas, true, cfg.pair_counts, method,
                                                                          cfg.sparsity).items()}
@@ -405,7 +421,7 @@ def results_markdown(cfg: DecodeConfig, table: dict, drift: dict | None) -> str:
         lines += [f"| {arm} | {format_ci(s['reward'])} | {format_ci(s['win_rate'])} | {format_ci(s['gain'])} | "
                   f"{s['valid']:.1%} |" for arm, s in arms.items()]
         lines.append("")
-    if drift:
+    if drift and drift["cosine"]:
         counts = list(next(iter(drift["cosine"].values())))
         lines += [f"## Drift weight recovery ({drift['users']} users): centred cosine, fitted vs true", "",
                   "| fit | " + " | ".join(f"{n} pairs" for n in counts) + " |", "|---" * (len(counts) + 1) + "|"]
@@ -413,73 +429,143 @@ def results_markdown(cfg: DecodeConfig, table: dict, drift: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def void_markdown(cfg: DecodeConfig, arms: dict, cost: dict, drift: dict | None) -> str:
+    """results.md of a run whose texts the world cannot score: the void note, the cost table, Drift's weights."""
+    lines = [f"# {', '.join(a for a in arms if a not in ('base', 'prompting'))} vs base and preference prompting "
+             f"({cfg.split} users, T={cfg.temperature})", "", VOID.format(policy=cfg.policy), "",
+             "## cost per generated token", "", "| arm | tokens | seconds | ms / token | vs base |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {arm} | {c['tokens']} | {c['seconds']:.1f} | {1000 * c['s_per_token']:.1f} | {c['vs_base']:.2f}x |"
+              for arm, c in cost.items()]
+    if drift and drift.get("mean_weights"):
+        lines += ["", f"## Drift weights from {drift['pairs']} pairs per user (mean of {drift['users']} users)", "",
+                  "| " + " | ".join(drift["mean_weights"]) + " |", "|---" * len(drift["mean_weights"]) + "|",
+                  "| " + " | ".join(f"{w:+.2f}" for w in drift["mean_weights"].values()) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+VOID = ("void: the true rewards are the persona world's and score only the world's language; {policy} is not a "
+        "world model, so no reward, win rate or validity is reported (the responses are in samples.jsonl)")
+
+
+def arm_costs(seconds: dict, tokens: dict) -> dict:
+    """Seconds per generated token of each arm, and its ratio to the base's (plain decoding)."""
+    per = {arm: seconds[arm] / max(tokens[arm], 1) for arm in seconds}
+    return {arm: {"tokens": tokens[arm], "seconds": seconds[arm], "s_per_token": per[arm],
+                  "vs_base": per[arm] / per["base"]} for arm in seconds}
+
+
 # --- main -----------------------------------------------------------------------------------------------------------
-def load_decoders(cfg: DecodeConfig, guides_dir: Path, policy: Path) -> Decoders:
+def world_guides(cfg: DecodeConfig, method: str) -> set[str]:
+    """What `method` reads from a world guides run (`rewards.train kind=guides`): guide names, drift.json."""
+    need = {"pad": {cfg.pad.guide}, "genarm": {"arm"}, "args": {"rm"},
+            "drift": {cfg.drift.guide} | ({"drift.json"} if cfg.drift.prompts is None else set())}[method]
+    return need - {"base"}
+
+
+def check_methods(cfg: DecodeConfig) -> list[str]:
+    """[method, *arms], refused in one line when unknown, repeated, or PAD's base and guide would read the same."""
+    from alignment.config import ConfigError
+
+    methods = [cfg.method, *cfg.arms]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or len(set(methods)) < len(methods):
+        raise ConfigError(f"arms: {cfg.arms} must name distinct methods other than method={cfg.method} "
+                          f"(known: {', '.join(METHODS)})")
+    if "pad" in methods and cfg.pad.guide == "base" and cfg.pad.base_prompt != "plain":
+        raise ConfigError("pad.guide=base (self-guided PAD) needs pad.base_prompt=plain: if the base reads the "
+                          "persona too, PAD is preference prompting at twice the cost")
+    return methods
+
+
+def is_world_policy(tokenizer, world: dict) -> bool:
+    """Whether a policy reads the world's vocabulary (an SFT/DPO policy of this world), so the world can score it."""
+    from alignment.models import load_tokenizer, same_vocabulary
+
+    return same_vocabulary(tokenizer, load_tokenizer(Path(world["path"]) / "tokenizer"))
+
+
+def load_decoders(cfg: DecodeConfig, tokenizer, guides_dir: Path | None, policy: Path, methods: list[str]) -> Decoders:
+    """The base, the guides `methods` read (each refused in one line if its vocabulary is not the base's) and
+    Drift's prompts (drift.prompts, else the guides run's drift.json)."""
     import json
 
     from alignment.config import ModelConfig
-    from alignment.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+    from alignment.models import load_causal_lm
+    from decoding.drift import load_attribute_prompts
+    from decoding.guides import load_guide
 
-    tokenizer = load_tokenizer(policy)
-    lm = lambda path: load_causal_lm(ModelConfig(name_or_path=str(path), dtype="float32"), tokenizer)
-    needed = {"pad": ["pad"], "genarm": ["arm"], "args": ["rm"], "drift": [cfg.drift.guide]}[cfg.method]
-    models = {"base": lm(policy)}
-    for name in needed:
-        if name == "rm":
-            models[name] = load_sequence_classifier(ModelConfig(name_or_path=str(guides_dir / "rm"), dtype="float32"),
-                                                    tokenizer, ["reward"])
-        elif name != "base":
-            models[name] = lm(guides_dir / name)
-    prompts = json.loads((guides_dir / "drift.json").read_text())
-    return Decoders(cfg, tokenizer, models["base"], models, [prompts["neutral"], *prompts["attributes"].values()], {})
+    base = load_causal_lm(ModelConfig(name_or_path=str(policy), dtype="float32"), tokenizer)
+    models = {"base": base}
+    for name in sorted(set().union(*(world_guides(cfg, m) for m in methods)) - {"drift.json"}):
+        models[name] = load_guide(guides_dir / name, tokenizer, reward=name == "rm")
+    prompts = (load_attribute_prompts(cfg.drift.prompts) if cfg.drift.prompts
+               else json.loads((guides_dir / "drift.json").read_text()) if guides_dir else None)
+    texts = [prompts["neutral"], *prompts["attributes"].values()] if prompts else []
+    return Decoders(cfg, tokenizer, base, models, texts, {}, list(prompts["attributes"]) if prompts else [])
 
 
 def main(cfg: DecodeConfig) -> Path:
+    import json
     import time
 
+    from alignment.models import load_tokenizer
     from alignment.runs import Run, seed_everything
     from alignment.sft import starting_policy
     from alignment.world import load_world, world_artifact
     from rewards.guides import guides_artifact
 
     # --- setup: world, base policy, guides (each built once and cached on a fresh machine)
+    methods = check_methods(cfg)
     run = Run.start(cfg, f"decode-{cfg.method}", runs_dir=cfg.runs_dir, name=cfg.name)
     seed_everything(cfg.seed)
     world = load_world(world_artifact(cfg.world, cfg.runs_dir))
     guides_cfg = replace(cfg.guides, world=cfg.world, runs_dir=cfg.runs_dir)
     policy = starting_policy(cfg.policy, guides_cfg.sft, cfg.world, cfg.runs_dir)
-    guides_dir = Path(cfg.guides_dir) if cfg.guides_dir else guides_artifact(guides_cfg)
-    run.add_meta("inputs", {"world": str(world["path"]), "policy": str(policy), "guides": str(guides_dir)})
-    d = load_decoders(cfg, guides_dir, policy)
+    tokenizer = load_tokenizer(policy)
+    world_policy = cfg.policy is None or is_world_policy(tokenizer, world)
+    if not world_policy:  # world guides are trained from the world SFT policy: never built for another policy
+        bound = [m for m in methods if world_guides(cfg, m)] if cfg.guides_dir is None else []
+        methods = [m for m in methods if m not in bound]
+        log.warning("policy %s is not a persona-world model: world-bound, so skipped: the true-reward evaluation "
+                    "(void)%s; running: base, prompting%s", cfg.policy,
+                    "".join(f", {m} (needs world guides)" for m in bound), "".join(f", {m}" for m in methods))
+    needs_guides = any(world_guides(cfg, m) for m in methods)
+    guides_dir = Path(cfg.guides_dir) if cfg.guides_dir else guides_artifact(guides_cfg) if needs_guides else None
+    run.add_meta("inputs", {"world": str(world["path"]), "policy": str(policy),
+                            "guides": str(guides_dir) if guides_dir else None})
+    d = load_decoders(cfg, tokenizer, guides_dir, policy, methods)
 
     # --- data: held-out users x held-out queries; Drift first fits each user's weights from labelled pairs
     rows = decoding_rows(world, cfg)
-    drift = fit_drift(d, world, rows) if cfg.method == "drift" else None
+    drift = (fit_drift(d, world, rows, recovery=world_policy and cfg.drift.prompts is None)
+             if "drift" in methods else None)
 
     # --- decode every arm with the same prompts, settings and seeds
-    method_prompt = getattr(cfg, cfg.method).base_prompt
-    arms = {"base": ("plain", None), "prompting": ("preference", None), cfg.method: (method_prompt, cfg.method)}
-    texts, seconds = {}, {}
+    arms = {"base": ("plain", None), "prompting": ("preference", None),
+            **{m: (getattr(cfg, m).base_prompt, m) for m in methods}}
+    texts, seconds, tokens = {}, {}, {}
     for arm, (prompt, method) in arms.items():
         t0 = time.time()
-        texts[arm] = decode_arm(d, rows, prompt, method)
+        texts[arm], tokens[arm] = decode_arm(d, rows, prompt, method)
         seconds[arm] = time.time() - t0
-        log.info("%s: %d responses in %.1fs", arm, len(rows), seconds[arm])
+        log.info("%s: %d responses, %d tokens in %.1fs", arm, len(rows), tokens[arm], seconds[arm])
+    cost = arm_costs(seconds, tokens)
 
-    # --- score against the truth, write the table
+    # --- score against the truth (the world's, so only for a world policy), write the table
     quality = world["stats"]["population"]["quality"]
-    rewards = {arm: true_rewards(rows, t, quality) for arm, t in texts.items()}
-    table = summarize(rows, rewards)
+    rewards = {arm: true_rewards(rows, t, quality) for arm, t in texts.items()} if world_policy else None
+    table = summarize(rows, rewards) if world_policy else None
     with open(run.path("samples.jsonl"), "w") as f:
-        import json
-
         for i, r in enumerate(rows):
             f.write(json.dumps({"user_id": r["user"]["user_id"], "query_id": r["query"]["query_id"],
-                                **{arm: {"text": texts[arm][i], "reward": float(rewards[arm][i])} for arm in texts}})
+                                **{arm: {"text": texts[arm][i],
+                                         "reward": float(rewards[arm][i]) if rewards else None} for arm in texts}})
                     + "\n")
-    results = {"method": cfg.method, "table": table, "drift": drift, "seconds": seconds,
+    results = {"method": cfg.method, "table": table, "drift": drift, "seconds": seconds, "cost": cost,
+               "void": None if world_policy else VOID.format(policy=cfg.policy),
                "unseen_combination_users": len({r["user"]["user_id"] for r in rows if r["unseen_combination"]})}
-    markdown = results_markdown(cfg, table, drift)
+    markdown = results_markdown(cfg, table, drift) if world_policy else void_markdown(cfg, arms, cost, drift)
     (run.path("results.md")).write_text(markdown)
     print(markdown)
     run.finish(results)

@@ -18,6 +18,10 @@ cached path is tested against, and the fallback for models without a cache.
 
 Rows are left-padded; positions count real tokens only (mask.cumsum - 1), so a row's logits do not depend on the
 padding its batch happens to need. All calls run under inference mode; logits come back as float32.
+
+`load_guide` reads a guide directory for a base's tokenizer and refuses, in one line, a guide whose vocabulary is
+not the base's (a world guide beside a pretrained base): token ids would mean different things to the two, and
+fitting the guide's embedding to the base's tokenizer would write garbage rows.
 """
 
 from __future__ import annotations
@@ -44,6 +48,39 @@ def left_pad(rows: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Te
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
     return ids.to(device), mask.to(device)
+
+
+def vocabulary_mismatch(path, tokenizer) -> str | None:
+    """Why the model directory `path` cannot guide a base that reads `tokenizer` (one line), or None."""
+    import json
+    from pathlib import Path
+
+    from alignment.models import load_tokenizer, same_vocabulary
+
+    path = Path(path)
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        theirs = load_tokenizer(path)
+        if not same_vocabulary(theirs, tokenizer):
+            return (f"{path}: its tokenizer ({len(theirs)} tokens) is not the base's ({len(tokenizer)} tokens); a "
+                    "guide must share the base's vocabulary (train it from the base policy)")
+        return None
+    size = json.loads((path / "config.json").read_text()).get("vocab_size")
+    if size is not None and size < len(tokenizer):
+        return f"{path}: its vocabulary has {size} tokens, the base's tokenizer {len(tokenizer)}"
+    return None
+
+
+def load_guide(path, tokenizer, *, reward: bool = False, dtype: str = "float32", device: str = "auto"):
+    """A causal-LM guide (or, `reward`, a one-output sequence classifier) from its HF directory, for a base that
+    reads `tokenizer`; ConfigError (one line, exit 2 in entry points) when their vocabularies differ."""
+    from alignment.config import ConfigError, ModelConfig
+    from alignment.models import load_causal_lm, load_sequence_classifier
+
+    why = vocabulary_mismatch(path, tokenizer)
+    if why:
+        raise ConfigError(f"guide {why}")
+    cfg = ModelConfig(name_or_path=str(path), dtype=dtype, device=device)
+    return load_sequence_classifier(cfg, tokenizer, ["reward"]) if reward else load_causal_lm(cfg, tokenizer)
 
 
 class Guide:

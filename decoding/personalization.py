@@ -20,12 +20,17 @@ What each method reads (the same prompts as `decoding.generate`'s arms):
     none     the prompt                -                                            -
     prompt   prompt + persona          -                                            persona
     pad      prompt + persona          pad guide: prompt + persona                  persona, guides_dir/pad
+    pad      the prompt                the base itself: prompt + persona            persona (pad_guide: base)
     genarm   prompt + persona          arm guide: prompt + persona                  persona, guides_dir/arm
     args     prompt + persona          rm: prompt + persona                         persona, guides_dir/rm
     drift    the prompt                drift guide: prompt + s_0, prompt + s_i      weights, drift.json + its guide
 
 "prompt + persona" is the persona appended to the system turn of a chat (how the world's data state
-preferences), or written on a line before a plain completion prompt.
+preferences; a chat without one gets the template's default system text first, `decoding.drift.default_system`),
+or written on a line before a plain completion prompt. Self-guided PAD (`pad_guide: base`, PAD's zero-training
+case, arXiv:2410.04070) uses the base itself as the personalized model, so the base must read the prompt without
+the persona: if both read it, PAD is prompting at twice the cost. Zero-shot Drift (`drift_guide: base`) scores
+the attribute prompts with the base itself.
 
 Batching: `build_rule(guidance, rows)` groups a batch's rows by method and builds one rule per method present
 (decoding/processors.py: one guide forward per model per step for all its rows, per-row strengths and weights),
@@ -67,6 +72,7 @@ class Guidance:
     pad_top_k: int = 10
     args_top_k: int = 10
     guides_dir: str | None = None
+    pad_guide: str = "pad"  # PAD's personalized model: the pad guide, or "base" (self-guided)
 
     @property
     def attributes(self) -> list[str]:
@@ -75,10 +81,25 @@ class Guidance:
     def drift_model(self):
         return self.base if self.drift_guide == "base" else self.guides.get(self.drift_guide)
 
+    def guide_model(self, method: str):
+        """The model of a method's guide rows (PAD's may be the base itself), or None when it is not loaded."""
+        if method == "drift":
+            return self.drift_model()
+        if method == "pad" and self.pad_guide == "base":
+            return self.base
+        return self.guides.get(GUIDE_OF[method])
+
+    def base_reads_persona(self, method: str) -> bool:
+        return method in PREFERENCE_BASE and not (method == "pad" and self.pad_guide == "base")
+
+    def served(self) -> list[str]:
+        """The methods this server can run."""
+        return [m for m in METHODS if self.missing(m) is None]
+
     def missing(self, method: str) -> str | None:
         """Why `method` cannot run on this server (one line naming what is missing), or None."""
         where = f"guides_dir {self.guides_dir}" if self.guides_dir else "no guides_dir configured"
-        if method in GUIDE_OF and GUIDE_OF[method] not in self.guides:
+        if method in GUIDE_OF and self.guide_model(method) is None:
             return (f"method {method!r} needs the {GUIDE_OF[method]!r} guide, which this server has not loaded "
                     f"({where})")
         if method == "drift" and (self.drift_prompts is None or self.drift_model() is None):
@@ -150,11 +171,11 @@ def context_text(tokenizer, prompt: str | list[dict], suffix: str) -> str:
     """The text a model reads: a chat (messages) with `suffix` appended to the system turn, rendered with the
     assistant header; or a plain completion prompt with `suffix` on a line before it."""
     from alignment.sampling import render_prompt
-    from decoding.drift import with_system_suffix
+    from decoding.drift import default_system, with_system_suffix
 
     if isinstance(prompt, str):
         return f"{suffix}\n{prompt}" if suffix else prompt
-    return render_prompt(tokenizer, with_system_suffix(prompt, suffix))
+    return render_prompt(tokenizer, with_system_suffix(prompt, suffix, default_system(tokenizer) if suffix else None))
 
 
 def encode_context(tokenizer, prompt: str | list[dict], suffix: str) -> list[int]:
@@ -177,7 +198,7 @@ class RowTokens:
 def encode_rows(guidance: Guidance, prompt: str | list[dict], p: Resolved) -> RowTokens:
     """The base and guide prompts of one request prompt under its resolved personalization."""
     tok = guidance.tokenizer
-    base = encode_context(tok, prompt, p.persona if p.method in PREFERENCE_BASE else "")
+    base = encode_context(tok, prompt, p.persona if guidance.base_reads_persona(p.method) else "")
     if p.method in GUIDE_OF:
         return RowTokens(base, [encode_context(tok, prompt, p.persona)])
     if p.method == "drift":
@@ -216,7 +237,7 @@ def pad_group(g: Guidance, rows: list[tuple[Resolved, RowTokens]]):
     from decoding.guides import Guide
     from decoding.processors import pad_rule
 
-    model = g.guides["pad"]
+    model = g.guide_model("pad")
     guide = Guide(model, *_padded(g, [t.contexts[0] for _, t in rows], model))
     return pad_rule(guide, torch.tensor([p.strength for p, _ in rows]), g.pad_top_k)
 

@@ -3,13 +3,15 @@
     python -m decoding.serve config=serve.yaml                           # the cached world SFT policy, 127.0.0.1:8000
     python -m decoding.serve config=serve.yaml guides_dir=runs/cache/guides-<hash>/run api_key=secret
     python -m decoding.serve policy=<hf model or dir> port=8080
+    python -m decoding.serve config=real/serve.yaml     # SmolLM2-135M-Instruct: none, prompt, self-guided pad,
+                                                        # zero-shot drift, no world artifact; serving in ~10 s
 
 Routes (research/ecosystem.md §8.2):
 
     POST /v1/completions, /v1/chat/completions   OpenAI request and response shapes: model, prompt | messages,
                                                 max_tokens, temperature, top_p, n, stop, seed, stream (server-sent
                                                 events ending in `data: [DONE]`), stream_options, usage
-    GET  /v1/models, /v1/models/{id}, /health
+    GET  /v1/models, /v1/models/{id}, /health   a model's `personalization`: methods served, Drift's attributes
     PUT | PATCH | GET | DELETE /v1/users/{id}   user profiles: persona text, attribute weights, or labelled pairs
                                                 from which Drift weights are fitted (decoding/profiles.py, SQLite)
 
@@ -19,7 +21,9 @@ Personalization rides in an extension object, which the `openai` client sends th
         {"method": "pad", "user_id": "u1", "strength": 1.0}})
 
 (method none | prompt | pad | drift | genarm | args; decoding/personalization.py says what each reads). Responses
-echo the resolved personalization beside `usage`.
+echo the resolved personalization beside `usage`. Without `guides_dir`, `pad_guide: base` serves self-guided PAD
+and `drift_guide: base` with `drift_prompts` zero-shot Drift; a guide whose vocabulary is not the base's is
+refused at start-up in one line. Replies stop at every stop id of the model (`alignment.models.stop_ids`).
 
 This module has no generation logic: requests become rows of `decoding/scheduler.py`'s batches, which run
 `decoding.generate.decode_steps` with the rules of decoding/processors.py. Here: limits, profiles, routes; the
@@ -81,7 +85,9 @@ class ServeConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     threads: int = 0  # torch intra-op threads (0: torch's default)
     guides_dir: str | None = None  # a `rewards.train kind=guides` run (pad/ arm/ rm/ drift.json); unset: none/prompt
-    drift_guide: Literal["pad", "base"] = "pad"  # the small LM under Drift's attribute prompts
+    drift_guide: Literal["pad", "base"] = "pad"  # the small LM under Drift's attribute prompts (base: zero-shot)
+    drift_prompts: str | None = None  # Drift's prompts JSON (e.g. real/drift_attributes.json); default guides_dir's
+    pad_guide: Literal["pad", "base"] = "pad"  # PAD's personalized model; base: self-guided (base reads no persona)
     drift_fit: Literal["closed_form", "sparse"] = "closed_form"  # how profile pairs become Drift weights
     drift_sparsity: float = 0.25  # sparse fit: soft threshold as a share of the largest |mean Delta|
     strength: Strengths = field(default_factory=Strengths)
@@ -119,9 +125,10 @@ def load_server(cfg: ServeConfig) -> Server:
     import torch
 
     from alignment.config import ModelConfig
-    from alignment.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+    from alignment.model_sources import is_source
+    from alignment.models import load_causal_lm, load_tokenizer, stop_ids
     from alignment.sft import starting_policy
-    from decoding.generate import stop_ids
+    from decoding.drift import load_attribute_prompts
     from decoding.personalization import Guidance
     from decoding.profiles import Profiles
     from decoding.scheduler import Engine
@@ -130,29 +137,38 @@ def load_server(cfg: ServeConfig) -> Server:
         torch.set_num_threads(cfg.threads)
     policy = str(starting_policy(cfg.policy, cfg.sft, cfg.sft.world, cfg.runs_dir))
     tokenizer = load_tokenizer(policy)
-    model_cfg = lambda path: ModelConfig(name_or_path=str(path), dtype=cfg.dtype, device=cfg.device)
-    base = load_causal_lm(model_cfg(policy), tokenizer)
-    guides, drift = {}, None
-    if cfg.guides_dir:
-        root = Path(cfg.guides_dir)
-        if not root.is_dir():
-            raise FileNotFoundError(f"guides_dir: {root} is not a directory")
-        for name in ("pad", "arm"):
-            if (root / name / "config.json").is_file():
-                guides[name] = load_causal_lm(model_cfg(root / name), tokenizer)
-        if (root / "rm" / "config.json").is_file():
-            guides["rm"] = load_sequence_classifier(model_cfg(root / "rm"), tokenizer, ["reward"])
-        if (root / "drift.json").is_file():
-            drift = json.loads((root / "drift.json").read_text())
-        log.info("guides from %s: %s%s", root, ", ".join(guides) or "none", " + drift.json" if drift else "")
+    base = load_causal_lm(ModelConfig(name_or_path=policy, dtype=cfg.dtype, device=cfg.device), tokenizer)
+    guides, drift = load_guides_dir(cfg, tokenizer) if cfg.guides_dir else ({}, None)
+    if cfg.drift_prompts:
+        drift = load_attribute_prompts(cfg.drift_prompts)
     s = cfg.strength
     guidance = Guidance(tokenizer, base, guides, drift, cfg.drift_guide,
                         {"pad": s.pad, "drift": s.drift, "genarm": s.genarm, "args": s.args},
-                        cfg.pad_top_k, cfg.args_top_k, cfg.guides_dir)
+                        cfg.pad_top_k, cfg.args_top_k, cfg.guides_dir, pad_guide=cfg.pad_guide)
     engine = Engine(guidance, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
                     batch_wait_s=cfg.batch_wait_ms / 1000, eos_ids=stop_ids(base, tokenizer))
-    name = cfg.model_name or ("persona-world-sft" if cfg.policy is None else Path(policy.rstrip("/")).name)
+    name = cfg.model_name or ("persona-world-sft" if cfg.policy is None
+                              else cfg.policy if is_source(cfg.policy) else Path(policy.rstrip("/")).name)
+    log.info("methods served: %s", ", ".join(guidance.served()))
     return Server(cfg, guidance, engine, Profiles(cfg.db), name, getattr(base.config, "max_position_embeddings", None))
+
+
+def load_guides_dir(cfg: ServeConfig, tokenizer) -> tuple[dict, dict | None]:
+    """The pad / arm / rm guides and drift.json that `guides_dir` holds; a guide whose vocabulary is not the base's
+    is refused in one line (decoding.guides.load_guide)."""
+    from decoding.guides import load_guide
+
+    root = Path(cfg.guides_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"guides_dir: {root} is not a directory")
+    guides, drift = {}, None
+    for name in ("pad", "arm", "rm"):
+        if (root / name / "config.json").is_file():
+            guides[name] = load_guide(root / name, tokenizer, reward=name == "rm", dtype=cfg.dtype, device=cfg.device)
+    if (root / "drift.json").is_file():
+        drift = json.loads((root / "drift.json").read_text())
+    log.info("guides from %s: %s%s", root, ", ".join(guides) or "none", " + drift.json" if drift else "")
+    return guides, drift
 
 
 # --- requests -> rows -----------------------------------------------------------------------------------------------
@@ -444,8 +460,13 @@ def build_app(server: Server):
         return model_card()
 
     def model_card() -> dict:
+        g = server.guidance
         return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "persona-alignment",
-                "max_model_len": server.context}
+                "max_model_len": server.context,
+                "personalization": {"methods": g.served(), "drift_attributes": g.attributes if "drift" in g.served()
+                                    else [], "pad_guide": g.pad_guide if "pad" in g.served() else None,
+                                    "drift_guide": g.drift_guide if "drift" in g.served() else None,
+                                    "strength": {m: v for m, v in g.strengths.items() if m in g.served()}}}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
