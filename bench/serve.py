@@ -4,8 +4,9 @@ requests one at a time and against offline batched generation of the same reques
 For each model, one real `python -m decoding.serve` process on a free loopback port, driven by HTTP clients
 (threads; each sends its share of the requests one after another, a closed loop); every mode serves the SAME
 requests (chat prompts of ~40 random words, greedy; 128 requests x 128 new tokens on the world model, 128 x 32
-on the bench model, `--requests` / `--new-tokens` to change), each mode after an untimed warm-up round at its own
-concurrency, then timed `--rounds` times (default 2) with the fastest kept, as offline's best of two:
+on the bench model, `--requests` / `--new-tokens` to change), every mode after an untimed warm-up round at its
+own concurrency, then timed `--rounds` times (default 2) in alternating order (1, 8, 32 clients, then 32, 8, 1,
+so that no mode always meets the coldest server) with the fastest kept, as offline's best of two:
 
     one_at_a_time   1 client: every request decoded alone (the baseline of the ratios)
     clients_8/32    8 / 32 clients at once: the server batches what arrives together
@@ -239,13 +240,14 @@ def bench_model(name: str, args, work: Path) -> dict:
     first = offline(policy, requests, new_tokens, args)  # measured before and after the server, the best kept
     proc, url = start_server(policy, args, new_tokens, work / f"server-{name}")
     try:
-        modes = {}
-        for clients in [1, *args.clients]:
-            # warm-up at this concurrency (untimed): first-call allocations, and the batcher's expected demand
+        levels, runs = [1, *args.clients], {}
+        for clients in levels:  # warm-up at each concurrency (untimed): first-call allocations, the batcher's demand
             drive(url, requests[:clients], clients)
-            runs = [drive(url, requests, clients) for _ in range(args.rounds)]  # the best, as offline's
-            mode = "one_at_a_time" if clients == 1 else f"clients_{clients}"
-            modes[mode] = max(runs, key=lambda m: m["tokens_per_s"])
+        for r in range(args.rounds):  # rounds alternate the order of the modes, so that none always runs first
+            for clients in (levels if r % 2 == 0 else levels[::-1]):
+                runs.setdefault(clients, []).append(drive(url, requests, clients))
+        modes = {"one_at_a_time" if c == 1 else f"clients_{c}": max(runs[c], key=lambda m: m["tokens_per_s"])
+                 for c in levels}  # the best of each, as offline's
         engine = httpx.get(f"{url}/health", timeout=10).json()["engine"]
     finally:
         proc.terminate()
