@@ -275,10 +275,10 @@ def load_sequence_classifier(cfg: ModelConfig, tokenizer: Any, labels: list[str]
         return _build(AutoModelForSequenceClassification, cfg, tokenizer)
     label2id = {name: i for i, name in enumerate(labels)}
     head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": label2id}
-    if cfg.name_or_path is not None and cfg.preset is None:
-        pretrained = AutoConfig.from_pretrained(cfg.name_or_path)
+    if pretrained_path(cfg) is not None:
+        pretrained = AutoConfig.from_pretrained(pretrained_path(cfg))
         if any(a.endswith("ForSequenceClassification") for a in pretrained.architectures or []):
-            check_label_order(pretrained.id2label, labels, where=cfg.name_or_path)
+            check_label_order(pretrained.id2label, labels, where=pretrained_path(cfg))
             head = {}  # its trained head and label names stay as they are
     return _build(AutoModelForSequenceClassification, cfg, tokenizer, **head)
 

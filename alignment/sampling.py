@@ -16,6 +16,36 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def default_system(tokenizer) -> str | None:
+    """The system text the chat template writes when a chat has no system turn (SmolLM2: "You are a helpful AI
+    assistant named SmolLM, trained by Hugging Face"), or None when it writes none.
+
+    Found by rendering one chat with a marker system turn and once without: the default sits where the marker was.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    marker, user = "\x00SYSTEM\x00", [{"role": "user", "content": "\x00USER\x00"}]
+    render = lambda m: tokenizer.apply_chat_template(m, tokenize=False)  # noqa: E731
+    before, _, after = render([{"role": "system", "content": marker}, *user]).partition(marker)
+    bare = render(user)
+    if not bare.startswith(before) or not bare.endswith(after) or len(bare) < len(before) + len(after):
+        return None
+    return bare[len(before):len(bare) - len(after)] or None
+
+
+def with_system_suffix(messages: list[dict], suffix: str, default: str | None = None) -> list[dict]:
+    """`messages` with `suffix` appended to the system turn (how the world writes stated preferences). A chat with
+    no system turn gets one: `default` (the template's own system text, `default_system`) then the suffix, so the
+    model keeps the system prompt it would have read."""
+    out = [dict(m) for m in messages]
+    if not suffix:
+        return out
+    if not out or out[0]["role"] != "system":
+        return [{"role": "system", "content": f"{default} {suffix}" if default else suffix}, *out]
+    out[0]["content"] = f"{out[0]['content']} {suffix}"
+    return out
+
+
 def encode_example(tokenizer, messages: list[dict], response: str) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids + EOS), tokenized separately so the boundary never merges."""
     prompt = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]

@@ -30,37 +30,7 @@ import numpy as np
 import torch
 
 
-# --- system turns and attribute prompts -----------------------------------------------------------------------------
-def default_system(tokenizer) -> str | None:
-    """The system text the chat template writes when a chat has no system turn (SmolLM2: "You are a helpful AI
-    assistant named SmolLM, trained by Hugging Face"), or None when it writes none.
-
-    Found by rendering one chat with a marker system turn and once without: the default sits where the marker was.
-    """
-    if getattr(tokenizer, "chat_template", None) is None:
-        return None
-    marker, user = "\x00SYSTEM\x00", [{"role": "user", "content": "\x00USER\x00"}]
-    render = lambda m: tokenizer.apply_chat_template(m, tokenize=False)  # noqa: E731
-    before, _, after = render([{"role": "system", "content": marker}, *user]).partition(marker)
-    bare = render(user)
-    if not bare.startswith(before) or not bare.endswith(after) or len(bare) < len(before) + len(after):
-        return None
-    return bare[len(before):len(bare) - len(after)] or None
-
-
-def with_system_suffix(messages: list[dict], suffix: str, default: str | None = None) -> list[dict]:
-    """`messages` with `suffix` appended to the system turn (how the world writes stated preferences). A chat with
-    no system turn gets one: `default` (the template's own system text, `default_system`) then the suffix, so the
-    model keeps the system prompt it would have read."""
-    out = [dict(m) for m in messages]
-    if not suffix:
-        return out
-    if not out or out[0]["role"] != "system":
-        return [{"role": "system", "content": f"{default} {suffix}" if default else suffix}, *out]
-    out[0]["content"] = f"{out[0]['content']} {suffix}"
-    return out
-
-
+# --- attribute prompts ---------------------------------------------------------------------------------------------
 def load_attribute_prompts(path: str) -> dict:
     """Drift's prompts from a JSON file {"neutral": s_0, "attributes": {name: s_i}} (a guides run's drift.json, or
     configs/real/drift_attributes.json for a pretrained chat model); `config=`-style lookup, so `real/x.json`
@@ -86,7 +56,7 @@ def attribute_rewards(model, tokenizer, pairs: list[dict], prompts: list[str], *
     2 (1 + m) n sequences.
     """
     from alignment.logps import build_pair_batch, pair_logps
-    from alignment.sampling import render_prompt
+    from alignment.sampling import default_system, render_prompt, with_system_suffix
 
     default = default_system(tokenizer)
     logps = np.zeros((len(prompts), 2, len(pairs)))  # (1 + m, chosen/rejected, n)

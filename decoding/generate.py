@@ -233,7 +233,7 @@ def signature(persona: str) -> tuple:
 def decoding_rows(world: dict, cfg: DecodeConfig) -> list[dict]:
     """One row per (user, held-out query): user, messages (plain and preference-prompted), facts, seed."""
     from alignment.oracle import eval_prompts, facts_of
-    from decoding.drift import with_system_suffix
+    from alignment.sampling import with_system_suffix
 
     users = [u for u in world["users"] if u["split"] == cfg.split]
     users = users[:cfg.users] if cfg.users else users
@@ -279,7 +279,7 @@ def build_genarm(d: Decoders, rows: list[dict]):
 
 
 def build_drift(d: Decoders, rows: list[dict]):
-    from decoding.drift import with_system_suffix
+    from alignment.sampling import with_system_suffix
     from decoding.guides import Guide
     from decoding.processors import drift_rows, drift_rule
 

@@ -26,7 +26,7 @@ What each method reads (the same prompts as `decoding.generate`'s arms):
     drift    the prompt                drift guide: prompt + s_0, prompt + s_i      weights, drift.json + its guide
 
 "prompt + persona" is the persona appended to the system turn of a chat (how the world's data state
-preferences; a chat without one gets the template's default system text first, `decoding.drift.default_system`),
+preferences; a chat without one gets the template's default system text first, `alignment.sampling.default_system`),
 or written on a line before a plain completion prompt. Self-guided PAD (`pad_guide: base`, PAD's zero-training
 case, arXiv:2410.04070) uses the base itself as the personalized model, so the base must read the prompt without
 the persona: if both read it, PAD is prompting at twice the cost. Zero-shot Drift (`drift_guide: base`) scores
@@ -170,8 +170,7 @@ def resolve(request: dict | None, profile: dict | None, guidance: Guidance) -> R
 def context_text(tokenizer, prompt: str | list[dict], suffix: str) -> str:
     """The text a model reads: a chat (messages) with `suffix` appended to the system turn, rendered with the
     assistant header; or a plain completion prompt with `suffix` on a line before it."""
-    from alignment.sampling import render_prompt
-    from decoding.drift import default_system, with_system_suffix
+    from alignment.sampling import default_system, render_prompt, with_system_suffix
 
     if isinstance(prompt, str):
         return f"{suffix}\n{prompt}" if suffix else prompt

@@ -2,8 +2,9 @@
 
     python -m rewards.train config=persona_rm_controversial.yaml     # all four methods + evaluation
     python -m rewards.train config=persona_rm_consensus.yaml methods=[population,weights]
-    python -m rewards.train config=persona_rm_controversial.yaml adapter=prism data=<prism dir> \
-        model.preset=null model.name_or_path=<hf model>                              # real data, any HF backbone
+    python -m rewards.train config=real/persona_rm.yaml     # PersonalLLM fixture, SmolLM2-135M-Instruct + LoRA
+    python -m rewards.train config=real/persona_rm.yaml adapter=prism data=<prism dir> \
+        model.preset=null model.name_or_path=<hf model dir>                          # real data, any HF backbone
 
 Every method is a Bradley-Terry reward model (loss -log sigmoid(r(x, y+) - r(x, y-)), research/reward_models.md
 §1) on the same backbone, a sequence classifier whose score is read at the last real token (a dedicated pad
@@ -22,12 +23,7 @@ token; left and right padding give the same score). They differ in how the user 
                   over the two responses' differing tokens), fed as an input embedding in front of the
                   conversation (a GPO/ICL-style set input, §6.3 item 7); the transformer reads them by attention.
                 Flipping a label negates its shot's vector in both, so the label-flip rate measures how much the
-                model uses its context. Controversial regime, 800 steps, unseen users, k = 8: kernel 73.3% accuracy,
-                flip rate 85.5%; tokens 64.8%, 54.1% (its flip rate was 75% after 400 steps and fell as it learned
-                the population direction). Consensus regime: kernel 83.8% (population BT 84.1, -0.3 [-1.1, 0.4]),
-                tokens 84.2%; neither gains from the shots there (the weights method does, +1.3). Text shots
-                (`<|chosen|> y+ <|rejected|> y-`, 33 tokens a shot), tried first, flipped 0.7% of predictions after
-                400 steps.
+                model uses its context.
     weights     the backbone outputs D basis rewards phi; r_u = w_u . phi with per-user weights learned jointly on
                 the training users (LoRe, arXiv:2504.14439), then a population prior over w fitted on them and a
                 new user adapted from k pairs by MAP without retraining the backbone (`rewards/user_weights.py`)
@@ -76,7 +72,7 @@ class PersonaRMConfig:
     world: WorldSpec = field(default_factory=WorldSpec)  # built and cached under runs/cache/ if missing
     data: str | None = None  # an existing world directory; with `adapter`, the dataset (local path or hub id)
     adapter: str | None = None  # real data: prism or personal_llm (alignment.adapters), read from `data`
-    tokenizer: str | None = None  # default: model.name_or_path, else the world's tokenizer
+    tokenizer: str | None = None  # default: the pretrained model's (model.preset or name_or_path), else the world's
     test_users: float = 0.3  # adapter data: share of users held out as unseen users
     context_share: float = 0.5  # adapter data without a train/test split: share of each user's prompts as context
     simulated_users: int = 1000  # adapter personal_llm: users with Dirichlet weights over its 10 RMs (LoRe: 1000)
@@ -292,14 +288,20 @@ def scale_fresh_head(model, cfg: ModelConfig) -> None:
     pretrained model without a classification head); a trained classifier's head is left alone."""
     from transformers import AutoConfig
 
-    if cfg.preset is None:
-        architectures = AutoConfig.from_pretrained(cfg.name_or_path).architectures or []
-        if any(a.endswith("ForSequenceClassification") for a in architectures):
-            return
+    from alignment.models import pretrained_path
+
+    path = pretrained_path(cfg)
+    architectures = (AutoConfig.from_pretrained(path).architectures or []) if path else []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return
     head = getattr(model, "score", None) or getattr(model, "classifier", None)
-    if isinstance(head, torch.nn.Linear):
+    wrapped = getattr(head, "modules_to_save", None)  # LoRA: peft's trained copy, then the frozen original
+    heads = [*wrapped.values(), head.original_module] if wrapped is not None else [head]
+    if isinstance(heads[0], torch.nn.Linear):
         with torch.no_grad():
-            head.weight.normal_(0.0, HEAD_SCALE / head.in_features**0.5)
+            heads[0].weight.normal_(0.0, HEAD_SCALE / heads[0].in_features**0.5)
+            for other in heads[1:]:
+                other.weight.copy_(heads[0].weight)
 
 
 def fit(model, extra: list[torch.nn.Parameter], loss_fn, steps: int, cfg: PersonaRMConfig, run, tag: str) -> dict:

@@ -14,7 +14,8 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from alignment.config import ConfigError
 from alignment.models import save_model, stop_ids
-from decoding.drift import default_system, load_attribute_prompts
+from alignment.sampling import default_system
+from decoding.drift import load_attribute_prompts
 from decoding.generate import encode_prompts, generate
 from decoding.guides import Guide, left_pad, load_guide
 from decoding.personalization import Guidance, build_rule, context_text, encode_rows, fit_profile_weights, resolve
