@@ -310,12 +310,15 @@ PERSONAS = ["I like short answers.", "Please answer in bullet points, I skim.",
 
 def real_workload(tokenizer, users: int, shared: bool) -> dict:
     """Token rows of the base (the question, the model's default system turn) and of the self-guide (the same
-    question with the user's persona as the system turn); `shared`: every user given persona 0."""
+    question with the user's persona as the system turn); `shared`: every user given the persona of median token
+    length (so that the shared run is neither the shortest nor the longest of the mixed run's personas)."""
     from alignment.sampling import render_prompt
 
     encode = lambda messages: tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
     questions = [QUESTIONS[u % len(QUESTIONS)] for u in range(users)]
-    personas = [PERSONAS[0 if shared else u % len(PERSONAS)] for u in range(users)]
+    mixed = [PERSONAS[u % len(PERSONAS)] for u in range(users)]
+    median = sorted(mixed, key=lambda p: len(tokenizer(p)["input_ids"]))[len(mixed) // 2]
+    personas = [median] * users if shared else mixed
     return {"base": [encode([{"role": "user", "content": q}]) for q in questions],
             "guide": [encode([{"role": "system", "content": p}, {"role": "user", "content": q}])
                       for p, q in zip(personas, questions, strict=True)]}
