@@ -328,7 +328,6 @@ def model_config(cfg: GuidesConfig, policy: Path):
 
 
 def train_pad(cfg: GuidesConfig, data: GuideData, tokenizer, policy: Path, run, rows: int) -> tuple[object, dict]:
-
     from alignment.models import load_causal_lm
     from alignment.sft import collate, encode
 
