@@ -403,7 +403,8 @@ def main() -> dict:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    figures = {"users": args.users, "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads,
+    figures = {"users": args.users, "new_tokens": args.new_tokens, "real_new_tokens": args.real_new_tokens,
+               "repeats": args.repeats, "threads": args.threads,
                "device": args.device, "dtype": args.dtype}
     for name in args.models.split(","):
         if name == REAL:
