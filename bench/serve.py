@@ -39,6 +39,10 @@ tok/s, 4.78x and 0.98x. On the world model the ~3-8 ms of HTTP and client work p
 waits for the next round, is large next to its ~20 ms of decoding per request, so its ratio to offline is the
 noisier one (0.61x-1.16x over five single-round runs on a loaded machine in an earlier session).
 
+Real model (`--models smollm2-135m-instruct`, idle 2-core CPU, 1 thread, 32 requests x 32 tokens, greedy, 3:45 in
+all): 32 clients 129 tok/s, 1.00x offline batched generation (129 tok/s) and 7.16x one at a time (18 tok/s); 8
+clients 57 tok/s. No request stopped early (every reply used its 32 tokens), so every mode did the same work.
+
 On one H100 (--device cuda --dtype bfloat16 --threads 4) a step is ~5 ms of kernel launches for either model, and
 the first rounds after the server starts are slow (a timed round right after the one-batch warm-up: 1864 tok/s,
 p99 6.0 s; the next round: 6512 tok/s, p99 0.67 s, against ~5700 offline; the cause, some first-use cost in the
