@@ -207,6 +207,9 @@ def _unknown_key_message(schema: type, full_key: str) -> str:
     owner = _unwrap_optional(_field_type(schema, parent)) if parent else schema
     valid = [f.name for f in dataclasses.fields(owner)] if dataclasses.is_dataclass(owner) else []
     where = owner.__name__ if isinstance(owner, type) else parent
+    removed = getattr(owner, "REMOVED", {})  # a schema's ClassVar: option -> what replaces it
+    if name in removed:
+        return f"{full_key}: no longer a key of {where}; {removed[name]}"
     close = difflib.get_close_matches(name, valid, n=1)
     if not close and dataclasses.is_dataclass(owner):
         # `seed=1` where the field is `world.seed`: look for the name in the sections below.

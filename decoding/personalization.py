@@ -125,13 +125,19 @@ class Resolved:
         return out
 
 
+# Drift's weights multiply log-prob differences of a few nats: |w| = 100 already swamps the base model entirely.
+MAX_WEIGHT = 100.0
+
+
 def weight_vector(weights: dict[str, float], attributes: list[str], param: str) -> list[float]:
-    """{attribute: weight} -> (m,) list in `attributes` order (absent = 0); unknown names are a 400."""
+    """{attribute: weight} -> (m,) list in `attributes` order (absent = 0); unknown names (every name, on a server
+    without Drift attributes) and weights outside [-MAX_WEIGHT, MAX_WEIGHT] are a 400."""
     unknown = sorted(set(weights) - set(attributes))
     if unknown:
-        raise PersonalizationError(f"unknown attributes {unknown}; known: {', '.join(attributes)}", param)
-    if not all(math.isfinite(v) for v in weights.values()):
-        raise PersonalizationError("attribute weights must be finite numbers", param)
+        known = ", ".join(attributes) if attributes else "none (this server serves no Drift attributes)"
+        raise PersonalizationError(f"unknown attributes {unknown}; known: {known}", param)
+    if not all(math.isfinite(v) and abs(v) <= MAX_WEIGHT for v in weights.values()):
+        raise PersonalizationError(f"attribute weights must be numbers in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]", param)
     return [float(weights.get(a, 0.0)) for a in attributes]
 
 

@@ -9,16 +9,19 @@ Durability: the database runs in write-ahead-log mode (readers never block the s
 `synchronous=FULL`, so a write that returned is on disk before the call returns: a profile survives the server
 being killed with SIGKILL, and a power cut, at the cost of one fsync of the WAL per write (~1 ms on an SSD;
 profile writes are rare next to completions). Every write is one transaction, so a crash mid-write leaves the
-old document or the new one, never half of either. A single connection is shared by the server's threads
+old document or the new one, never half of either; `update` reads and writes inside one transaction (PATCH).
+The file is owner-only (0600), as the run's files are. A single connection is shared by the server's threads
 behind a lock (SQLite serializes writers anyway; reads are sub-millisecond).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,10 @@ class Profiles:
         self.path = Path(path)
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # personas are personal data: owner-only, like the run's files (SQLite gives its -wal and -shm files
+            # the database file's mode)
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            os.chmod(self.path, 0o600)
         self.lock = threading.Lock()
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -57,12 +64,20 @@ class Profiles:
 
     def put(self, user_id: str, profile: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Create or replace a user's document in one transaction; returns (stored profile, created?)."""
-        doc = json.dumps({k: v for k, v in profile.items() if k not in ("user_id", "created", "updated")})
-        now = time.time()
+        return self.update(user_id, lambda old: profile)
+
+    def update(self, user_id: str, change: Callable[[dict | None], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+        """Read, change and write a user's document in one transaction (`change(old or None) -> new`), so two
+        concurrent PATCHes cannot lose one; returns (stored profile, created?). `change` may raise to abort."""
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                existed = self.db.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone()
+                row = self.db.execute("SELECT profile, created, updated FROM users WHERE user_id = ?",
+                                      (user_id,)).fetchone()
+                old = None if row is None else {"user_id": user_id, **json.loads(row[0]), "created": row[1],
+                                                "updated": row[2]}
+                doc = json.dumps({k: v for k, v in change(old).items() if k not in ("user_id", "created", "updated")})
+                now = time.time()
                 self.db.execute("INSERT INTO users (user_id, profile, created, updated) VALUES (?, ?, ?, ?) "
                                 "ON CONFLICT(user_id) DO UPDATE SET profile = excluded.profile, "
                                 "updated = excluded.updated", (user_id, doc, now, now))
@@ -70,7 +85,7 @@ class Profiles:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
-        return self.get(user_id), existed is None
+        return self.get(user_id), row is None
 
     def delete(self, user_id: str) -> bool:
         """Remove a user's document; True when it existed."""

@@ -31,6 +31,7 @@ import collections
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,10 +218,11 @@ class Engine:
                 if not done[b]:
                     self._finish(r, owner[b], index[b], "length")
             outcome = ("end", None, None)
-        except Exception as exc:  # a bug or an out-of-memory: fail this batch's requests, keep serving
-            log.exception("decode batch of %d rows failed", len(rows))
+        except Exception:  # a bug or an out-of-memory: fail this batch's requests, keep serving
+            error_id = uuid.uuid4().hex[:12]  # the details stay in the log, under this id; clients get the id
+            log.exception("decode batch of %d rows failed (error id %s)", len(rows), error_id)
             self.stats["failed_batches"] += 1
-            outcome = ("error", None, f"{type(exc).__name__}: {exc}")
+            outcome = ("error", None, f"error id {error_id}; the details are in the server log")
         # settle the state before any client hears back (a client may send its next request at once)
         self.stats["running_rows"] = 0
         with self.cond:  # the demand seen during this batch: its rows and those that queued meanwhile

@@ -1,7 +1,7 @@
 """The decode API: personalized generation over HTTP, OpenAI-compatible, many users batched together.
 
     python -m decoding.serve config=serve.yaml                           # the cached world SFT policy, 127.0.0.1:8000
-    python -m decoding.serve config=serve.yaml guides_dir=runs/cache/guides-<hash>/run api_key=secret
+    PERSONA_API_KEY=... python -m decoding.serve config=serve.yaml guides_dir=runs/cache/guides-<hash>/run
     python -m decoding.serve policy=<hf model or dir> port=8080
     python -m decoding.serve config=real/serve.yaml     # SmolLM2-135M-Instruct: none, prompt, self-guided pad,
                                                         # zero-shot drift, no world artifact; serving in ~10 s
@@ -30,8 +30,11 @@ This module has no generation logic: requests become rows of `decoding/scheduler
 wire format (request bodies, error objects, response bodies, stream chunks) is decoding/api.py. Every bad
 request is a 4xx with an OpenAI error object {"error": {"message", "type", "param", "code"}}: 400 invalid fields
 or limits, 401 a missing or wrong API key, 404 an unknown model, user or route, 408 a request past
-`request_timeout_s`, 413 a body over `max_body_bytes`, 429 a full queue. Binds 127.0.0.1 unless `host` says
-otherwise.
+`request_timeout_s`, 413 a body over `max_body_bytes`, 429 a full queue; a 500 names an error id whose details
+are in the server log only. Binds 127.0.0.1 unless `host` says otherwise; another host needs an API key, from
+$PERSONA_API_KEY or `api_key_file` (never the command line, so it reaches no file of the run and no `ps`), or
+`allow_unauthenticated=true`. SIGTERM drains in-flight requests (at most `request_timeout_s`), closes the run and
+exits 0. Profiles (users.sqlite) are owner-only.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures (local names) at definition time.
@@ -41,11 +44,14 @@ import logging
 import math
 import os
 import secrets
+import signal
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
+from alignment.config import ConfigError
 from alignment.sft import SFTConfig
 from decoding.api import (
     UINT64_MAX,
@@ -63,6 +69,9 @@ from decoding.api import (
 
 log = logging.getLogger(__name__)
 
+API_KEY_ENV = "PERSONA_API_KEY"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 @dataclass
 class Strengths:
     pad: float = 1.0  # PAD's w when a request sets no strength
@@ -75,9 +84,10 @@ class Strengths:
 class ServeConfig:
     name: str | None = None  # run name (config and meta under runs_dir); default serve-<timestamp>
     runs_dir: str = "runs"
-    host: str = "127.0.0.1"  # bind address; 0.0.0.0 exposes the server to the network: set api_key then
+    host: str = "127.0.0.1"  # bind address; another than loopback needs a key (or allow_unauthenticated)
     port: int = 8000
-    api_key: str | None = None  # when set, every route needs `Authorization: Bearer <api_key>`
+    api_key_file: str | None = None  # a file holding the API key (else $PERSONA_API_KEY); every route then needs it
+    allow_unauthenticated: bool = False  # serve a non-loopback host without a key (refused otherwise)
     policy: str | None = None  # HF directory or hub id of the served model; default: the cached world SFT policy
     sft: SFTConfig = field(default_factory=SFTConfig)  # the default policy, built once and cached when missing
     model_name: str | None = None  # the id clients send as `model`; default: persona-world-sft or policy's name
@@ -104,6 +114,10 @@ class ServeConfig:
     max_pairs: int = 500  # labelled pairs per profile
     max_body_bytes: int = 2_000_000
 
+    REMOVED: ClassVar[dict[str, str]] = {
+        "api_key": f"a key given on the command line shows in ps and in the run's files: set the {API_KEY_ENV} "
+                   "environment variable, or api_key_file=<a file holding the key>"}
+
 
 # --- the server's state -------------------------------------------------------------------------------------------
 @dataclass
@@ -117,6 +131,7 @@ class Server:
     model_name: str
     context: int | None  # the base model's longest sequence (prompt + max_tokens), when its config says
     created: int = field(default_factory=lambda: int(time.time()))
+    api_key: str | None = field(default=None, repr=False)  # never in a config, a file of the run, or argv
 
 
 def load_server(cfg: ServeConfig) -> Server:
@@ -346,33 +361,35 @@ def profile_out(p: dict) -> dict:
             "fit": p.get("fit"), "created": p["created"], "updated": p["updated"]}
 
 
-def profile_doc(server: Server, body: ProfileBody, old: dict | None) -> dict:
-    """The stored document: old fields overridden by the given ones; pairs refit the Drift weights."""
+def profile_change(server: Server, body: ProfileBody) -> dict:
+    """The fields a PUT or PATCH sets, checked (attribute weights: known names, bounded values; pairs: refit into
+    Drift weights), before any profile is read, so the store's transaction holds no model work."""
     from decoding.personalization import PersonalizationError, fit_profile_weights, weight_vector
 
     given = body.model_dump(exclude_unset=True)
     check_text(given, "body")
     if given.get("pairs") is not None and given.get("attribute_weights") is not None:
         raise APIError(400, "give attribute_weights or pairs (to fit them from), not both", "pairs")
-    doc = {k: v for k, v in (old or {}).items() if k not in ("user_id", "created", "updated")}
-    doc.update(given)
-    attributes = server.guidance.attributes
     try:
         if given.get("attribute_weights") is not None:
-            if attributes:
-                weight_vector(given["attribute_weights"], attributes, "attribute_weights")
-            doc["fit"] = None
+            weight_vector(given["attribute_weights"], server.guidance.attributes, "attribute_weights")
+            given["fit"] = None
         if given.get("pairs") is not None:
             if len(given["pairs"]) > server.cfg.max_pairs:
                 raise APIError(400, f"{len(given['pairs'])} pairs exceed the limit {server.cfg.max_pairs}", "pairs")
             with server.engine.model_lock:  # the worker's models; fitting waits for the running batch
-                doc["attribute_weights"] = fit_profile_weights(server.guidance, given["pairs"], server.cfg.drift_fit,
-                                                               server.cfg.drift_sparsity)
-            doc["fit"] = {"method": server.cfg.drift_fit, "pairs": len(given["pairs"]),
-                          "guide": server.cfg.drift_guide}
+                given["attribute_weights"] = fit_profile_weights(server.guidance, given["pairs"],
+                                                                 server.cfg.drift_fit, server.cfg.drift_sparsity)
+            given["fit"] = {"method": server.cfg.drift_fit, "pairs": len(given["pairs"]),
+                            "guide": server.cfg.drift_guide}
     except PersonalizationError as exc:
         raise APIError(exc.status, exc.message, exc.param, exc.code) from None
-    return doc
+    return given
+
+
+def merged(old: dict | None, change: dict) -> dict:
+    """The stored document: the old one's fields overridden by the change's."""
+    return {**{k: v for k, v in (old or {}).items() if k not in ("user_id", "created", "updated")}, **change}
 
 
 # --- the app --------------------------------------------------------------------------------------------------------
@@ -437,8 +454,11 @@ def build_app(server: Server):
                                                      str(exc.detail), None, None).response())
 
     def unexpected(request, exc):  # a bug: a logged 500 with an OpenAI body, and the server keeps serving
-        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return APIError(500, f"internal error: {type(exc).__name__}", None, "internal_error").response()
+        error_id = uuid.uuid4().hex[:12]  # the details stay in the log, under this id
+        log.exception("unhandled error on %s %s (error id %s)", request.method, request.url.path, error_id,
+                      exc_info=exc)
+        return APIError(500, f"internal error (error id {error_id}; the details are in the server log)", None,
+                        "internal_error").response()
 
     app.add_exception_handler(Exception, unexpected)
     uid = Annotated[str, PathParam(pattern=USER_ID)]
@@ -488,15 +508,19 @@ def build_app(server: Server):
     def put_user(user_id: uid, body: ProfileBody):
         from fastapi.responses import JSONResponse
 
-        stored, created = server.profiles.put(user_id, profile_doc(server, body, None))
+        stored, created = server.profiles.put(user_id, merged(None, profile_change(server, body)))
         return JSONResponse(profile_out(stored), status_code=201 if created else 200)
 
     @app.patch("/v1/users/{user_id}")
     def patch_user(user_id: uid, body: ProfileBody) -> dict:
-        old = server.profiles.get(user_id)
-        if old is None:
-            raise APIError(404, f"no user profile {user_id!r}; create it with PUT", "user_id", "user_not_found")
-        return profile_out(server.profiles.put(user_id, profile_doc(server, body, old))[0])
+        change = profile_change(server, body)
+
+        def apply(old: dict | None) -> dict:
+            if old is None:
+                raise APIError(404, f"no user profile {user_id!r}; create it with PUT", "user_id", "user_not_found")
+            return merged(old, change)
+
+        return profile_out(server.profiles.update(user_id, apply)[0])  # read and write in one transaction
 
     @app.delete("/v1/users/{user_id}")
     def delete_user(user_id: uid) -> dict:
@@ -504,7 +528,7 @@ def build_app(server: Server):
             raise APIError(404, f"no user profile {user_id!r}", "user_id", "user_not_found")
         return {"id": user_id, "object": "user", "deleted": True}
 
-    return Gate(app, server.cfg.api_key, server.cfg.max_body_bytes)
+    return Gate(app, server.api_key, server.cfg.max_body_bytes)
 
 
 # --- main -----------------------------------------------------------------------------------------------------------
@@ -514,19 +538,44 @@ def main(cfg: ServeConfig) -> Path:
     from alignment.runs import Run
 
     if not math.isfinite(cfg.request_timeout_s) or cfg.request_timeout_s <= 0:
-        raise ValueError(f"request_timeout_s: expected a positive number, got {cfg.request_timeout_s}")
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
-        log.warning("host=%s exposes the server beyond this machine without an api_key", cfg.host)
+        raise ConfigError(f"request_timeout_s: expected a positive number, got {cfg.request_timeout_s}")
+    api_key = read_api_key(cfg)
+    if cfg.host not in LOOPBACK and api_key is None and not cfg.allow_unauthenticated:
+        raise ConfigError(f"host={cfg.host} serves beyond this machine: set {API_KEY_ENV} or api_key_file=<file>, "
+                          "or allow_unauthenticated=true to serve it without a key")
     run = Run.start(cfg, "serve", runs_dir=cfg.runs_dir, name=cfg.name)
     server = load_server(cfg)
+    server.api_key = api_key
     run.add_meta("inputs", {"model": server.model_name, "guides": cfg.guides_dir, "db": str(Path(cfg.db).absolute()),
                             "pid": os.getpid()})
     log.info("serving %r on http://%s:%d (guides: %s)", server.model_name, cfg.host, cfg.port,
              ", ".join(server.guidance.guides) or "none")
-    uvicorn.run(build_app(server), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
+    # uvicorn drains on SIGTERM / SIGINT (in-flight requests finish, for at most request_timeout_s), then re-raises
+    # the signal to the handler it found: a handler that only logs lets this function close the run and exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: log.info("%s: the server drained; closing the run",
+                                                          signal.Signals(signum).name))
+    uvicorn.run(build_app(server), host=cfg.host, port=cfg.port, log_level="warning",
+                timeout_graceful_shutdown=math.ceil(cfg.request_timeout_s))
     run.finish({"engine": server.engine.health()})
     server.profiles.close()
     return run.dir
+
+
+def read_api_key(cfg: ServeConfig) -> str | None:
+    """The API key from $PERSONA_API_KEY or from the file `api_key_file` (one of the two), None when neither."""
+    from_env = os.environ.get(API_KEY_ENV) or None
+    if cfg.api_key_file is None:
+        return from_env
+    if from_env is not None:
+        raise ConfigError(f"api_key_file: {API_KEY_ENV} is set too; give the key one way")
+    try:
+        key = Path(cfg.api_key_file).expanduser().read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"api_key_file: cannot read {cfg.api_key_file}: {exc.strerror}") from None
+    if not key:
+        raise ConfigError(f"api_key_file: {cfg.api_key_file} is empty")
+    return key
 
 
 if __name__ == "__main__":

@@ -385,7 +385,9 @@ def test_malformed_bodies_unknown_routes_and_huge_bodies_are_4xx(client):
 def bare(artifacts, tmp_path_factory):
     """A server with no guides_dir and an API key."""
     db = tmp_path_factory.mktemp("bare") / "users.sqlite"
-    with TestClient(build_app(load_server(serve_config(artifacts, guides_dir=None, db=str(db), api_key="k3y")))) as c:
+    server = load_server(serve_config(artifacts, guides_dir=None, db=str(db)))
+    server.api_key = "k3y"  # what main reads from $PERSONA_API_KEY or api_key_file
+    with TestClient(build_app(server)) as c:
         yield c
 
 
@@ -572,15 +574,15 @@ def free_port() -> int:
 class Process:
     """`python -m decoding.serve` in a subprocess on a free loopback port; `start()` waits for /health."""
 
-    def __init__(self, artifacts: Path, runs: Path):
-        self.artifacts, self.runs, self.proc, self.url = artifacts, runs, None, None
+    def __init__(self, artifacts: Path, runs: Path, env: dict | None = None):
+        self.artifacts, self.runs, self.proc, self.url, self.env = artifacts, runs, None, None, env or {}
 
     def start(self) -> "Process":
         port = free_port()
         cfg = serve_config(self.artifacts, db=str(self.runs / "users.sqlite"), max_tokens=480, max_batch_size=32,
                            max_queue=64, batch_wait_ms=5.0, threads=1)
         args = [f"{k}={v}" for k, v in vars(cfg).items() if v is not None and not hasattr(v, "__dataclass_fields__")]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **self.env}
         self.proc = subprocess.Popen([sys.executable, "-m", "decoding.serve", *args, f"port={port}",
                                       f"runs_dir={self.runs}"], env=env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.runs / "server.log", "a"), cwd=Path(__file__).parent.parent)
@@ -589,7 +591,7 @@ class Process:
         while True:
             assert self.proc.poll() is None, (self.runs / "server.log").read_text()[-2000:]
             try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code in (200, 401):
                     return self
             except httpx.TransportError:
                 pass
@@ -707,3 +709,107 @@ def test_entry_point_help_and_a_bad_key_fail_in_one_line(capsys):
         run_cli(ServeConfig, main, ["config=serve.yaml", "help"])
     out = capsys.readouterr().out
     assert ok.value.code == 0 and "max_batch_size" in out and "127.0.0.1" in out
+
+
+# --- hardening: secrets, refusals, shutdown, profiles ---------------------------------------------------------------
+def test_api_key_on_the_command_line_is_refused_naming_the_two_ways_that_work():
+    from alignment.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"^api_key: no longer a key of ServeConfig; .*PERSONA_API_KEY.*"
+                                          r"api_key_file="):
+        load_config(ServeConfig, ["api_key=s3cret"])
+
+
+def test_a_non_loopback_host_without_a_key_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    from alignment.config import ConfigError
+    from decoding.serve import main
+
+    monkeypatch.delenv("PERSONA_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="host=0.0.0.0 serves beyond this machine.*allow_unauthenticated=true"):
+        main(ServeConfig(host="0.0.0.0", runs_dir=str(tmp_path)))
+    assert list(tmp_path.iterdir()) == []  # no run directory, no model loaded
+
+
+def test_the_key_comes_from_the_environment_or_a_file(tmp_path, monkeypatch):
+    from alignment.config import ConfigError
+    from decoding.serve import read_api_key
+
+    monkeypatch.delenv("PERSONA_API_KEY", raising=False)
+    assert read_api_key(ServeConfig()) is None
+    monkeypatch.setenv("PERSONA_API_KEY", "from-env")
+    assert read_api_key(ServeConfig()) == "from-env"
+    (tmp_path / "key").write_text("from-file\n")
+    with pytest.raises(ConfigError, match="PERSONA_API_KEY is set too"):
+        read_api_key(ServeConfig(api_key_file=str(tmp_path / "key")))
+    monkeypatch.delenv("PERSONA_API_KEY")
+    assert read_api_key(ServeConfig(api_key_file=str(tmp_path / "key"))) == "from-file"
+    (tmp_path / "empty").write_text("\n")
+    for name, why in (("empty", "is empty"), ("missing", "cannot read")):
+        with pytest.raises(ConfigError, match=why):
+            read_api_key(ServeConfig(api_key_file=str(tmp_path / name)))
+
+
+@pytest.mark.slow
+def test_the_key_reaches_no_file_nor_argv_and_sigterm_closes_the_run(artifacts, tmp_path):
+    key = "k-" + os.urandom(8).hex()
+    p = Process(artifacts, tmp_path, env={"PERSONA_API_KEY": key}).start()
+    try:
+        assert httpx.get(f"{p.url}/health", timeout=5).status_code == 401
+        r = httpx.post(f"{p.url}/v1/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+                       json={"model": MODEL, "prompt": "i live in", "max_tokens": 4})
+        assert r.status_code == 200
+        assert httpx.put(f"{p.url}/v1/users/ann", headers={"authorization": f"Bearer {key}"}, timeout=10,
+                         json={"persona": "i like cats ."}).status_code == 201
+    finally:
+        p.proc.send_signal(signal.SIGTERM)
+        code = p.proc.wait(60)
+    assert code == 0, (tmp_path / "server.log").read_text()[-2000:]
+    (run,) = [d for d in tmp_path.iterdir() if d.name.startswith("serve-")]
+    assert (run / "DONE").is_file()  # the run is closed, not left looking like a crash
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            assert key.encode() not in f.read_bytes(), f
+    meta = json.loads((run / "meta.json").read_text())
+    assert key not in json.dumps(meta) and not any("api_key" in a for a in meta["argv"])
+    assert (tmp_path / "users.sqlite").stat().st_mode & 0o777 == 0o600
+
+
+def test_concurrent_profile_updates_lose_none(tmp_path):
+    from decoding.profiles import Profiles
+
+    store = Profiles(tmp_path / "users.sqlite")
+    store.put("u", {"persona": "x"})
+
+    def add(i):
+        def change(old):
+            time.sleep(0.002)  # a read-modify-write outside one transaction would lose updates in this window
+            return {**old, f"k{i}": i}
+        store.update("u", change)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(add, range(16)))
+    assert {f"k{i}" for i in range(16)} <= set(store.get("u")) and store.get("u")["persona"] == "x"
+    assert (tmp_path / "users.sqlite").stat().st_mode & 0o777 == 0o600
+
+
+def test_attribute_weights_are_bounded_and_known(client, bare):
+    for weights in ({"cats": 1e300}, {"cats": -101.0}, {"nope": 1.0}):
+        r = client.put("/v1/users/w", json={"attribute_weights": weights})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "attribute_weights", weights
+    assert client.put("/v1/users/w", json={"attribute_weights": {"cats": 100.0}}).status_code in (200, 201)
+    r = bare.put("/v1/users/w", headers={"authorization": "Bearer k3y"}, json={"attribute_weights": {"cats": 1.0}})
+    assert r.status_code == 400 and "serves no Drift attributes" in r.json()["error"]["message"]
+
+
+def test_a_generation_error_reaches_the_client_as_an_error_id_only(client, server, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret detail /home/user/weights")
+
+    monkeypatch.setattr(server.guidance.base, "forward", broken)
+    with caplog.at_level("ERROR", logger="decoding.scheduler"):
+        r = chat(client, max_tokens=2)
+    assert r.status_code == 500
+    message = r.json()["error"]["message"]
+    assert "secret detail" not in message and "error id" in message
+    error_id = message.split("error id ")[1].split(";")[0]
+    assert error_id in caplog.text and "secret detail" in caplog.text  # the details are in the log, under the id
