@@ -108,7 +108,8 @@ class APIError(Exception):
     """An OpenAI-style error response: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+             408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+             503: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -118,11 +119,13 @@ class APIError(Exception):
         kind = self.TYPES.get(self.status, "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
-    def response(self):
+    def response(self, close: bool = False):
+        """The JSONResponse; `close` ends the connection after it (a refusal whose body was left unread)."""
         from fastapi.responses import JSONResponse
 
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers | ({"Connection": "close"}
+                                                                                    if close else {}))
 
 
 def validation_error(exc) -> APIError:
@@ -138,7 +141,7 @@ def validation_error(exc) -> APIError:
     elif first.get("type") == "extra_forbidden":
         message = f"unknown parameter {param!r}"
     elif first.get("type") == "missing":
-        message = f"missing required parameter {param!r}"
+        message = f"missing required parameter {param!r}" if param else "the request has no body; send a JSON object"
     elif param:
         message = f"{param}: {message}"
     return APIError(400, message, param, first.get("type"))

@@ -292,13 +292,9 @@ def build_rule(guidance: Guidance, rows: list[tuple[Resolved, RowTokens]]) -> Ro
 
 
 # --- Drift weights from a user's labelled pairs ---------------------------------------------------------------------
-def fit_profile_weights(guidance: Guidance, pairs: list[dict], method: str = "closed_form",
-                        sparsity: float = 0.25) -> dict[str, float]:
-    """Drift weights {attribute: p_i} from labelled pairs [{prompt: str | messages, chosen, rejected}]:
-    Delta_j = r(x_j, chosen_j) - r(x_j, rejected_j) over the attribute prompts (decoding/drift.py
-    `attribute_rewards`, on the Drift guide), then `fit_weights` (closed form: p = mean Delta / ||mean Delta||)."""
-    from decoding.drift import attribute_rewards, fit_weights
-
+def drift_pair_rows(guidance: Guidance, pairs: list[dict]) -> tuple[list[dict], list[str]]:
+    """Labelled pairs [{prompt: str | messages, chosen, rejected}] as attribute_rewards rows, and the Drift prompts
+    (neutral first); a server that cannot fit is refused in one line."""
     why = guidance.missing("drift")
     if why:
         raise PersonalizationError(f"cannot fit weights from pairs: {why}", "pairs", code="guide_not_configured")
@@ -306,7 +302,17 @@ def fit_profile_weights(guidance: Guidance, pairs: list[dict], method: str = "cl
         raise PersonalizationError("cannot fit weights from pairs: the tokenizer has no chat template", "pairs")
     rows = [{"prompt": [{"role": "user", "content": p["prompt"]}] if isinstance(p["prompt"], str) else p["prompt"],
              "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
-    texts = [guidance.drift_prompts["neutral"], *guidance.drift_prompts["attributes"].values()]
+    return rows, [guidance.drift_prompts["neutral"], *guidance.drift_prompts["attributes"].values()]
+
+
+def fit_profile_weights(guidance: Guidance, pairs: list[dict], method: str = "closed_form",
+                        sparsity: float = 0.25) -> dict[str, float]:
+    """Drift weights {attribute: p_i} from labelled pairs [{prompt: str | messages, chosen, rejected}]:
+    Delta_j = r(x_j, chosen_j) - r(x_j, rejected_j) over the attribute prompts (decoding/drift.py
+    `attribute_rewards`, on the Drift guide), then `fit_weights` (closed form: p = mean Delta / ||mean Delta||)."""
+    from decoding.drift import attribute_rewards, fit_weights
+
+    rows, texts = drift_pair_rows(guidance, pairs)
     first, second = attribute_rewards(guidance.drift_model(), guidance.tokenizer, rows, texts)
     p = fit_weights(np.asarray(first - second), method, sparsity)
     return dict(zip(guidance.attributes, (float(x) for x in p), strict=True))

@@ -6,6 +6,7 @@ them in batches through `decoding.generate.decode_steps`, one batched forward pe
     engine.submit(job)            # QueueFull when max_queue jobs are already waiting (the server answers 429)
     await job.events.get()        # ("delta", row, text) while streaming, ("finish", row, reason), ("end", ..)
     job.cancel("disconnected")    # its rows stop at the next step
+    engine.between_batches(fn)    # from another thread: fn() on the worker, after the running batch; its result
 
 Batching (micro-batches, research/ecosystem.md §8.2): the worker takes the oldest waiting job, waits for as many
 rows as the recent demand while requests keep arriving (`_collect`), and decodes every job that fits in
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
@@ -98,7 +100,8 @@ class Engine:
         self.eos = sorted(set(eos_ids or []) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
         self.pending: collections.deque[Job] = collections.deque()
         self.cond = threading.Condition()
-        self.model_lock = threading.Lock()  # held while the models run: a batch, or a profile's weight fit
+        self.model_lock = threading.Lock()  # held while the models run: a batch, or a call between batches
+        self.calls: collections.deque[tuple] = collections.deque()  # (fn, Future) for the worker to run
         self.stats = {"requests": 0, "batches": 0, "rows": 0, "max_batch_rows": 0, "last_batch_rows": 0,
                       "running_rows": 0, "completion_tokens": 0, "cancelled_rows": 0, "failed_batches": 0,
                       "rejected_full": 0}
@@ -117,6 +120,8 @@ class Engine:
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
+            while self.calls:  # their callers must not wait forever
+                self.calls.popleft()[1].set_exception(RuntimeError("the server is stopping"))
         if self.thread is not None:
             self.thread.join(timeout)
 
@@ -130,6 +135,17 @@ class Engine:
             self.pending.append(job)
             self.stats["requests"] += 1
             self.cond.notify()
+
+    def between_batches(self, fn):
+        """Run fn() on the worker between two batches and return its result (or raise its exception): model work
+        outside requests (a profile's pair fit, in chunks) alternates with decoding instead of stalling it."""
+        future = concurrent.futures.Future()
+        with self.cond:
+            if self.stopping or not (self.thread and self.thread.is_alive()):
+                raise RuntimeError("the decode worker is not running")
+            self.calls.append((fn, future))
+            self.cond.notify()
+        return future.result()
 
     def health(self) -> dict:
         return {**self.stats, "recent_batch_rows": list(self.recent), "queued": len(self.pending),
@@ -146,6 +162,14 @@ class Engine:
                 jobs = [j for j in jobs if not j.cancelled]  # a job may have timed out while the lock was held
                 if jobs:
                     self._decode(jobs)
+                with self.cond:
+                    call = self.calls.popleft() if self.calls else None
+                if call is not None:  # one call per batch: decoding and calls take turns
+                    fn, future = call
+                    try:
+                        future.set_result(fn())
+                    except Exception as exc:
+                        future.set_exception(exc)
 
     def _collect(self) -> list[Job] | None:
         """Block for the oldest job, then gather rows until as many wait as the recent demand (`demand`: per recent
@@ -160,10 +184,12 @@ class Engine:
         quiet gap keeps the wait short when fewer come back; the largest of 4 keeps one small tail batch from
         resetting the estimate. One client: the target is 1 row, no wait at all."""
         with self.cond:
-            while not self.pending and not self.stopping:
+            while not self.pending and not self.calls and not self.stopping:
                 self.cond.wait(0.5)
             if self.stopping:
                 return None
+            if not self.pending:  # only a call waits: run it now
+                return []
             target = min(self.max_batch_size, max(self.demand, default=1))
             waiting = lambda: sum(len(j.rows) for j in self.pending)  # noqa: E731
             now = time.monotonic()

@@ -30,8 +30,10 @@ This module has no generation logic: requests become rows of `decoding/scheduler
 wire format (request bodies, error objects, response bodies, stream chunks) is decoding/api.py. Every bad
 request is a 4xx with an OpenAI error object {"error": {"message", "type", "param", "code"}}: 400 invalid fields
 or limits, 401 a missing or wrong API key, 404 an unknown model, user or route, 408 a request past
-`request_timeout_s`, 413 a body over `max_body_bytes`, 429 a full queue; a 500 names an error id whose details
-are in the server log only. Binds 127.0.0.1 unless `host` says otherwise; another host needs an API key, from
+`request_timeout_s` or a head or body slower than `read_timeout_s`, 413 a body over `max_body_bytes`, 429 a full
+queue, 503 past `max_connections`; a 500 names an error id whose details are in the server log only (the socket-
+and framing-level defences are decoding/http_limits.py). A profile's pair fit runs in chunks between decode
+batches, within `max_fit_s`. Binds 127.0.0.1 unless `host` says otherwise; another host needs an API key, from
 $PERSONA_API_KEY or `api_key_file` (never the command line, so it reaches no file of the run and no `ps`), or
 `allow_unauthenticated=true`. SIGTERM drains in-flight requests (at most `request_timeout_s`), closes the run and
 exits 0. Profiles (users.sqlite) are owner-only.
@@ -66,6 +68,7 @@ from decoding.api import (
     usage,
     validation_error,
 )
+from decoding.http_limits import Gate, guarded_h11
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,9 @@ class ServeConfig:
     default_max_tokens: int = 64  # when a request gives none
     max_pairs: int = 500  # labelled pairs per profile
     max_body_bytes: int = 2_000_000
+    read_timeout_s: float = 10.0  # a request's head, and then its body, must arrive within this; else 408 or a close
+    max_connections: int = 512  # open connections; a request beyond them gets 503
+    max_fit_s: float = 60.0  # model time a profile's pair fit may take; a longer one is refused (400)
 
     REMOVED: ClassVar[dict[str, str]] = {
         "api_key": f"a key given on the command line shows in ps and in the run's files: set the {API_KEY_ENV} "
@@ -364,7 +370,7 @@ def profile_out(p: dict) -> dict:
 def profile_change(server: Server, body: ProfileBody) -> dict:
     """The fields a PUT or PATCH sets, checked (attribute weights: known names, bounded values; pairs: refit into
     Drift weights), before any profile is read, so the store's transaction holds no model work."""
-    from decoding.personalization import PersonalizationError, fit_profile_weights, weight_vector
+    from decoding.personalization import PersonalizationError, weight_vector
 
     given = body.model_dump(exclude_unset=True)
     check_text(given, "body")
@@ -377,14 +383,46 @@ def profile_change(server: Server, body: ProfileBody) -> dict:
         if given.get("pairs") is not None:
             if len(given["pairs"]) > server.cfg.max_pairs:
                 raise APIError(400, f"{len(given['pairs'])} pairs exceed the limit {server.cfg.max_pairs}", "pairs")
-            with server.engine.model_lock:  # the worker's models; fitting waits for the running batch
-                given["attribute_weights"] = fit_profile_weights(server.guidance, given["pairs"],
-                                                                 server.cfg.drift_fit, server.cfg.drift_sparsity)
+            given["attribute_weights"] = fit_pairs(server, given["pairs"])
             given["fit"] = {"method": server.cfg.drift_fit, "pairs": len(given["pairs"]),
                             "guide": server.cfg.drift_guide}
     except PersonalizationError as exc:
         raise APIError(exc.status, exc.message, exc.param, exc.code) from None
     return given
+
+
+FIT_CHUNK_PAIRS = 8  # pairs scored per turn on the worker: 2 (1 + m) 8 sequences, so a decode batch waits for so few
+
+
+def fit_pairs(server: Server, pairs: list[dict]) -> dict[str, float]:
+    """Drift weights from labelled pairs, as decoding.personalization.fit_profile_weights, but scored in chunks on
+    the batcher's worker between its batches (decoding waits for one chunk at most, not the whole fit), and
+    refused (400 fit_too_long) as soon as the chunks' model time projects past `max_fit_s`."""
+    import numpy as np
+
+    from decoding.drift import attribute_rewards, fit_weights
+    from decoding.personalization import drift_pair_rows
+
+    g, cfg = server.guidance, server.cfg
+    rows, texts = drift_pair_rows(g, pairs)  # a server that cannot fit is refused here, in one line
+
+    def score(chunk: list[dict]) -> tuple[float, np.ndarray]:
+        start = time.monotonic()
+        first, second = attribute_rewards(g.drift_model(), g.tokenizer, chunk, texts)
+        return time.monotonic() - start, first - second
+
+    spent, deltas = 0.0, []
+    for s in range(0, len(rows), FIT_CHUNK_PAIRS):
+        seconds, delta = server.engine.between_batches(lambda s=s: score(rows[s:s + FIT_CHUNK_PAIRS]))
+        spent += seconds
+        deltas.append(delta)
+        done = s + len(delta)
+        if spent * len(rows) / done > cfg.max_fit_s:
+            raise APIError(400, f"fitting {len(rows)} pairs would take ~{spent * len(rows) / done:.1f} s of model "
+                           f"time, over the server's max_fit_s {cfg.max_fit_s}; send fewer pairs", "pairs",
+                           "fit_too_long")
+    p = fit_weights(np.concatenate(deltas), cfg.drift_fit, cfg.drift_sparsity)
+    return dict(zip(g.attributes, (float(x) for x in p), strict=True))
 
 
 def merged(old: dict | None, change: dict) -> dict:
@@ -393,42 +431,6 @@ def merged(old: dict | None, change: dict) -> dict:
 
 
 # --- the app --------------------------------------------------------------------------------------------------------
-class Gate:
-    """ASGI middleware in front of every route: the API key (when configured) and the body size limit."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.api_key is not None:
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                why = "missing API key" if not given else "incorrect API key"
-                resp = APIError(401, f"{why}: send `Authorization: Bearer <key>`", None, "invalid_api_key")
-                return await resp.response()(scope, receive, send)
-        length = headers.get(b"content-length", b"0")
-        if not length.isdigit():
-            return await APIError(400, "bad Content-Length header", None, "bad_content_length").response()(
-                scope, receive, send)
-        if int(length) > self.max_body:
-            return await APIError(413, f"the body exceeds {self.max_body} bytes", None, "body_too_large").response()(
-                scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_body:  # a chunked body without Content-Length: FastAPI turns this into a 400
-                raise APIError(413, f"the body exceeds {self.max_body} bytes", None, "body_too_large")
-            return message
-
-        await self.app(scope, limited, send)
-
-
 def build_app(server: Server):
     """The FastAPI app over a loaded `Server`; its lifespan starts and stops the batcher's worker."""
     from contextlib import asynccontextmanager
@@ -528,7 +530,7 @@ def build_app(server: Server):
             raise APIError(404, f"no user profile {user_id!r}", "user_id", "user_not_found")
         return {"id": user_id, "object": "user", "deleted": True}
 
-    return Gate(app, server.api_key, server.cfg.max_body_bytes)
+    return Gate(app, server.api_key, server.cfg.max_body_bytes, server.cfg.read_timeout_s)
 
 
 # --- main -----------------------------------------------------------------------------------------------------------
@@ -537,8 +539,9 @@ def main(cfg: ServeConfig) -> Path:
 
     from alignment.runs import Run
 
-    if not math.isfinite(cfg.request_timeout_s) or cfg.request_timeout_s <= 0:
-        raise ConfigError(f"request_timeout_s: expected a positive number, got {cfg.request_timeout_s}")
+    for key in ("request_timeout_s", "read_timeout_s", "max_fit_s", "max_connections"):
+        if not math.isfinite(getattr(cfg, key)) or getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}: expected a positive number, got {getattr(cfg, key)}")
     api_key = read_api_key(cfg)
     if cfg.host not in LOOPBACK and api_key is None and not cfg.allow_unauthenticated:
         raise ConfigError(f"host={cfg.host} serves beyond this machine: set {API_KEY_ENV} or api_key_file=<file>, "
@@ -556,7 +559,8 @@ def main(cfg: ServeConfig) -> Path:
         signal.signal(sig, lambda signum, frame: log.info("%s: the server drained; closing the run",
                                                           signal.Signals(signum).name))
     uvicorn.run(build_app(server), host=cfg.host, port=cfg.port, log_level="warning",
-                timeout_graceful_shutdown=math.ceil(cfg.request_timeout_s))
+                timeout_graceful_shutdown=math.ceil(cfg.request_timeout_s), http=guarded_h11(cfg.read_timeout_s),
+                limit_concurrency=cfg.max_connections)
     run.finish({"engine": server.engine.health()})
     server.profiles.close()
     return run.dir

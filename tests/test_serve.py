@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,8 +56,12 @@ def tiny_lm(tokenizer, seed: int) -> LlamaForCausalLM:
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> Path:
-    """policy/ and guides/{pad,arm,rm,drift.json} under one directory."""
-    root, tok = tmp_path_factory.mktemp("serve"), build_tiny_tokenizer()
+    return write_artifacts(tmp_path_factory.mktemp("serve"))
+
+
+def write_artifacts(root: Path) -> Path:
+    """policy/ and guides/{pad,arm,rm,drift.json} under `root`."""
+    tok = build_tiny_tokenizer()
     save_model(tiny_lm(tok, 1), tok, root / "policy")
     save_model(tiny_lm(tok, 2), tok, root / "guides" / "pad")
     save_model(tiny_lm(tok, 3), tok, root / "guides" / "arm")
@@ -574,13 +579,15 @@ def free_port() -> int:
 class Process:
     """`python -m decoding.serve` in a subprocess on a free loopback port; `start()` waits for /health."""
 
-    def __init__(self, artifacts: Path, runs: Path, env: dict | None = None):
+    def __init__(self, artifacts: Path, runs: Path, env: dict | None = None, **cfg):
         self.artifacts, self.runs, self.proc, self.url, self.env = artifacts, runs, None, None, env or {}
+        self.cfg = cfg  # ServeConfig fields over the defaults below
 
     def start(self) -> "Process":
         port = free_port()
-        cfg = serve_config(self.artifacts, db=str(self.runs / "users.sqlite"), max_tokens=480, max_batch_size=32,
-                           max_queue=64, batch_wait_ms=5.0, threads=1)
+        cfg = serve_config(self.artifacts, **{"db": str(self.runs / "users.sqlite"), "max_tokens": 480,
+                                              "max_batch_size": 32, "max_queue": 64, "batch_wait_ms": 5.0,
+                                              "threads": 1, **self.cfg})
         args = [f"{k}={v}" for k, v in vars(cfg).items() if v is not None and not hasattr(v, "__dataclass_fields__")]
         env = {**os.environ, "OMP_NUM_THREADS": "1", **self.env}
         self.proc = subprocess.Popen([sys.executable, "-m", "decoding.serve", *args, f"port={port}",
@@ -813,3 +820,46 @@ def test_a_generation_error_reaches_the_client_as_an_error_id_only(client, serve
     assert "secret detail" not in message and "error id" in message
     error_id = message.split("error id ")[1].split(";")[0]
     assert error_id in caplog.text and "secret detail" in caplog.text  # the details are in the log, under the id
+
+
+def slow_drift_guide(server, monkeypatch, seconds: float) -> threading.Event:
+    """Every forward of the Drift guide (the pad guide; plain completions never run it) takes `seconds` longer;
+    the event is set at the first."""
+    guide, started = server.guidance.drift_model(), threading.Event()
+    forward = guide.forward
+
+    def slow(*args, **kwargs):
+        started.set()
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(guide, "forward", slow)
+    return started
+
+
+def test_decoding_is_served_between_the_chunks_of_a_large_pair_fit(client, server, monkeypatch):
+    from decoding.serve import FIT_CHUNK_PAIRS
+
+    pairs = [{"prompt": "where do you live ?", "chosen": "i live in lyon .", "rejected": "hey !"}] * 64
+    monkeypatch.setattr(server.cfg, "max_pairs", 64)
+    started = slow_drift_guide(server, monkeypatch, 0.05)  # 2 x 4 prompts x 8 chunks = 64 forwards: >= 3.2 s
+    with ThreadPoolExecutor(1) as pool:
+        fit = pool.submit(client.put, "/v1/users/big", json={"pairs": pairs})
+        assert started.wait(10)
+        finished = []
+        while not fit.done():
+            assert complete(client, max_tokens=2).status_code == 200
+            finished.append(fit.done())
+        assert fit.result().status_code == 201 and fit.result().json()["pairs"] == 64
+    # completions were answered while the fit still ran: they waited for a chunk, never for all 64 / 8 of them
+    assert finished.count(False) >= 64 // FIT_CHUNK_PAIRS // 2, finished
+
+
+def test_a_fit_past_max_fit_s_is_refused_and_stores_nothing(client, server, monkeypatch):
+    pairs = [{"prompt": "where do you live ?", "chosen": "i live in lyon .", "rejected": "hey !"}] * 20
+    slow_drift_guide(server, monkeypatch, 0.02)  # the first chunk alone takes >= 0.16 s
+    monkeypatch.setattr(server.cfg, "max_fit_s", 0.1)
+    r = client.put("/v1/users/toolong", json={"pairs": pairs})
+    assert r.status_code == 400 and set(r.json()["error"]) == ERROR_KEYS
+    assert r.json()["error"]["code"] == "fit_too_long" and "max_fit_s" in r.json()["error"]["message"]
+    assert client.get("/v1/users/toolong").status_code == 404
