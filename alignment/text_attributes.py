@@ -38,8 +38,8 @@ def words(text: str) -> list[str]:
 def sentences(text: str) -> list[str]:
     """Non-empty sentences: split after runs of . ! ? and at line breaks (a list item is a sentence)."""
     parts = []
-    for line in text.splitlines():
-        parts += [p.strip() for p in SENTENCE_END.split(line)]
+    for line in text.splitlines():  # the marker first: "1. Sleep early." is one sentence, not "1" and "Sleep early"
+        parts += [p.strip() for p in SENTENCE_END.split(re.sub(LIST_MARKER, "", line))]
     return [p for p in parts if words(p)]
 
 

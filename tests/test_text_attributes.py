@@ -53,6 +53,7 @@ def test_greeting_and_sign_off():
 def test_second_person_share_and_sentence_length():
     assert ta.second_person("You should ask your doctor") == pytest.approx(2 / 5)
     assert ta.sentence_length("One two three. Four five!\n- six") == pytest.approx(2.0)  # 3, 2 and 1 words
+    assert ta.sentences("1. Sleep early.\n2. Drink water.") == ["Sleep early", "Drink water"]
 
 
 def test_summary_first_needs_a_short_first_line_and_more():
