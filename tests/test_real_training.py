@@ -59,6 +59,7 @@ def test_pretrained_vocabulary_is_kept_and_pad_ends_nothing(real_lm):
     assert model.config.pad_token_id == tokenizer.pad_token_id
 
 
+@pytest.mark.slow
 def test_real_model_answers_greedy(real_lm):
     model, tokenizer = real_lm
     text = render_prompt(tokenizer, [{"role": "user", "content": "Which is the capital of France?"}])
