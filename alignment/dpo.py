@@ -27,7 +27,8 @@ discriminators are built once and cached under runs/cache/. Measured on a fresh 
 end to end (world 8 s, SFT 4.6 min, discriminators 8.0 min with NLI 144 s for the reward set and 2 x ~145 s for the
 evaluator set's two seed tries, pairs for 1000 queries x 4 samples 1.4 min, DPO and evaluation 0.8 min), 2 min 24 s
 with the prerequisites cached, the same table both times (RAG+APC-DPO - RAG oracle ΔAPC 0.080 [0.008, 0.152]; world
-seed 1: 0.099 [0.032, 0.162]).
+seed 1: 0.099 [0.032, 0.162]). Another machine of the same kind (2026-12-03) gives another table from the same code
+(0.198 [0.114, 0.283], for this commit's parent and for it alike): CPU numerics differ between machines.
 `reward=oracle` ranks the pairs by the world's true ΔAPC instead: the ceiling any discriminators can reach, and the
 way to tell a failed run's reward from its optimizer.
 Files: pairs.jsonl (records.PreferencePair, APC scores as rewards), ref_logps.safetensors, ckpt/, metrics.jsonl,
