@@ -79,6 +79,16 @@ def tiny_model_config():
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny or 135M models on a shared 2-core machine run several times faster
+    than on two under load, and the server's threads=1 sums floats the same way."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run the test with `tmp_path` as the working directory, so `runs/` lands there."""
     monkeypatch.chdir(tmp_path)

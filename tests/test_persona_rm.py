@@ -34,13 +34,7 @@ from rewards.persona_rm import (
 FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread is several times faster than two under load.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --- user weights -------------------------------------------------------------------------------------------------

@@ -32,12 +32,7 @@ WEIGHTS = [{"enthusiastic": 1.0, "bullets": 1.0}, {"formal": 1.0}, {"concise": -
 DEFAULT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

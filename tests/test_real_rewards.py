@@ -23,12 +23,7 @@ REAL = "smollm2-135m-instruct"
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _examples(n: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:

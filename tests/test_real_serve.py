@@ -35,13 +35,7 @@ METHODS = {"none": {"method": "none"}, "prompt": {"method": "prompt", "persona":
 ENGLISH = {"the", "a", "i", "you", "to", "and", "is", "of", "for", "ye", "your", "some", "cook", "what", "should"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Offline decoding on 1 thread, like the server's (threads=1): the same kernels, the same float sums."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
