@@ -33,15 +33,7 @@ apc_fspo.md §2.2). Differences from the reference code (§2.8): user-level spli
 question or of all target tokens, cached reference log-probs, shared prompt forward, seeded data order.
 `format=diff` renders each shot as the words where its two responses differ (~35 tokens instead of ~70).
 
-What was measured on the persona world (issue 7, open): the 0.73M world policy does not learn to read its shots.
-Over 18 recipes (labelled, on-policy and persona targets; 8 to 64 episodes per user; 1 to 16 Pref-FT epochs; the
-description variant; `format=diff`; batches that pair each shot set with a user who labels its targets the other
-way) the held-out win rate against the base stayed at 0.22-0.59 at k = 8, rising at most 0.07 from k = 0 to 8, and
-never above population IPO (the same recipe without shots) with an interval excluding 0. The descriptions it wrote
-agreed with the user's persona on 35-43% of attributes, where a random train user's persona agrees on 38% and a
-Bayes reader of the same 8 shots on 77%. The shots carry what is needed: a Bayes reader of them wins 0.980 against
-the base (0.854 at k = 0; `eval_fspo.reader_ceiling`). A smaller from-scratch backbone read text shots no better as
-a reward model (rewards/persona_rm.py: 0.7% label flips). The paper trains Llama-3.2-3B-Instruct.
+What was measured on the persona world (the policy reads little from its shots): docs/experiments/fspo.md.
 
 Files: episodes.jsonl (records.Episode as trained on), persona_episodes.jsonl (targets=persona: the teacher's ranked
 targets, read back on resume), pref_ft/ (stage 1), ref_logps.safetensors, ckpt/, metrics.jsonl, samples.jsonl,
