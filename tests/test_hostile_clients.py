@@ -38,42 +38,12 @@ def connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=5)
 
 
-def read_until_closed(sock: socket.socket, limit_s: float = 15.0) -> tuple[bytes, float]:
-    """Everything the server sends until it closes (or limit_s passes), and how long that took."""
+def read_until_closed(sock: socket.socket, limit_s: float = 15.0, answered: bool = False) -> tuple[bytes, float]:
+    """Everything the server sends until it closes (or, `answered`, until one whole response has arrived), or
+    limit_s passes, and how long that took."""
     start, out = time.monotonic(), b""
     while time.monotonic() - start < limit_s:
-        ready, _, _ = select.select([sock], [], [], 0.1)
-        if ready:
-            try:
-                data = sock.recv(65536)
-            except ConnectionError:
-                break
-            if not data:
-                break
-            out += data
-    return out, time.monotonic() - start
-
-
-def exchange(port: int, raw: bytes, limit_s: float = 15.0) -> tuple[int, dict | str, bytes]:
-    """One raw request on its own connection (closed by the server or after the response): status, body, bytes."""
-    with connect(port) as s:
-        s.sendall(raw)
-        data, _ = read_until_closed_or_answered(s, limit_s)
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ")[1]) if head.startswith(b"HTTP/1.1 ") else 0
-    try:
-        return status, json.loads(body), data
-    except ValueError:
-        return status, body.decode("latin-1"), data
-
-
-def read_until_closed_or_answered(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
-    start, out = time.monotonic(), b""
-    while time.monotonic() - start < limit_s:
-        head, sep, body = out.partition(b"\r\n\r\n")
-        length = [int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")[1:])
-                  if k.strip().lower() == b"content-length"]
-        if sep and length and len(body) >= length[0]:
+        if answered and whole_response(out):
             break
         ready, _, _ = select.select([sock], [], [], 0.1)
         if ready:
@@ -85,6 +55,27 @@ def read_until_closed_or_answered(sock: socket.socket, limit_s: float) -> tuple[
                 break
             out += data
     return out, time.monotonic() - start
+
+
+def whole_response(data: bytes) -> bool:
+    """A head and as many body bytes as its Content-Length says."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    length = [int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")[1:])
+              if k.strip().lower() == b"content-length"]
+    return bool(sep and length and len(body) >= length[0])
+
+
+def exchange(port: int, raw: bytes, limit_s: float = 15.0) -> tuple[int, dict | str, bytes]:
+    """One raw request on its own connection (closed by the server or after the response): status, body, bytes."""
+    with connect(port) as s:
+        s.sendall(raw)
+        data, _ = read_until_closed(s, limit_s, answered=True)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1]) if head.startswith(b"HTTP/1.1 ") else 0
+    try:
+        return status, json.loads(body), data
+    except ValueError:
+        return status, body.decode("latin-1"), data
 
 
 def post(path: str, body: bytes, *headers: str) -> bytes:
