@@ -8,8 +8,8 @@ preference prompting, measured by the persona world's true user rewards on held-
     python -m decoding.generate config=real/generate.yaml   # SmolLM2-135M-Instruct, no world artifact, ~2 min
 
 Every arm decodes the same prompts with the same temperature, length and per-row seeds (`generate`, one batched
-KV-cached loop for every arm; sampling is Gumbel-max with one generator per row, so a row's noise does not depend
-on its batch and the arms share their random numbers):
+KV-cached loop for every arm; sampling inverts the CDF at one uniform per row and step, a pure function of the
+row's seed and step, so a row's noise does not depend on its batch and the arms share their random numbers):
 
     base        the SFT policy, prompt = RAG statements + query (no preferences)
     prompting   the SFT policy with the user's stated preferences written into the system turn (as the SFT data do)
@@ -52,8 +52,34 @@ log = logging.getLogger(__name__)
 
 
 # --- the batched, KV-cached generate loop ---------------------------------------------------------------------------
-def row_generators(seeds: list[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
-    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64 (Steele et al. 2014)
+
+
+def _int64(x: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 with the same bits."""
+    x %= 2**64
+    return x - 2**64 if x >= 2**63 else x
+
+
+def _shift_right(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 in (0, 1): output number `counter` of splitmix64 seeded with `seed`, row by row; a pure
+    function of (seed, counter), so a row's noise does not depend on its batch, on when it joined one, or on
+    any Python loop. int64 arithmetic wraps, as splitmix64's 64-bit arithmetic does."""
+    z = seeds.long() + (counters.long() + 1) * _int64(GOLDEN)
+    z = (z ^ _shift_right(z, 30)) * _int64(MIX1)
+    z = (z ^ _shift_right(z, 27)) * _int64(MIX2)
+    z = z ^ _shift_right(z, 31)
+    return (_shift_right(z, 11).double() + 0.5) * 2.0**-53
+
+
+def seed_tensor(seeds: list[int], device=None) -> torch.Tensor:
+    """Seeds (any integers; a request's are in [-2**63, 2**64)) as (B,) int64 with the same low 64 bits."""
+    return torch.tensor([_int64(int(s)) for s in seeds], dtype=torch.long, device=device)
 
 
 def nucleus(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -69,30 +95,27 @@ def nucleus(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
-def pick_tokens(scores: torch.Tensor, temperature: float | torch.Tensor, generators: list[torch.Generator] | None,
+def pick_tokens(scores: torch.Tensor, temperature: float | torch.Tensor, noise: torch.Tensor | None = None,
                 top_p: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, V) fp32 scores -> (B,) tokens: argmax at temperature 0, else a sample of softmax(scores / T).
+    """(B, V) fp32 scores -> (B,) tokens: argmax where the temperature is 0, else a sample of softmax(scores / T)
+    by inversion: the first token whose cumulative probability reaches u, with `noise` u (B,) in (0, 1), one
+    uniform per row (`uniforms`; None: torch's global generator). `temperature` is a float or (B,) per row;
+    `top_p` (B,) first restricts each sampled row to its nucleus of softmax(scores / T) (`nucleus`).
 
-    With per-row generators the sample is Gumbel-max, argmax(scores / T + G) with G ~ Gumbel(0, 1) drawn from the
-    row's own generator: distributed exactly as softmax(scores / T), and independent of the other rows.
-    `temperature` may be a (B,) tensor (one request per row: rows with T = 0 take the argmax); `top_p` (B,) first
-    restricts each sampled row to its nucleus of softmax(scores / T) (`nucleus`).
+    A token of probability 0 (-inf) owns an empty interval of the cumulative sum, so it is never drawn; the sum
+    is in float64, so a vocabulary of 10^5 tokens loses no tail mass to rounding.
     """
-    if isinstance(temperature, torch.Tensor) or top_p is not None:
-        t = torch.as_tensor(temperature, dtype=torch.float32, device=scores.device).expand(len(scores))
-        greedy = scores.argmax(-1)
-        if not bool((t > 0).any()):
-            return greedy
-        z = scores / t.clamp(min=1e-6).view(-1, 1)
-        sampled = pick_tokens(nucleus(z, top_p) if top_p is not None else z, 1.0, generators)
-        return torch.where(t > 0, sampled, greedy)
-    if temperature <= 0:
-        return scores.argmax(-1)
-    if generators is None:
-        return torch.multinomial(torch.softmax(scores / temperature, -1), 1)[:, 0]
-    u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=g.device) for g in generators]).to(scores.device)
-    gumbel = -torch.log(-torch.log(u.clamp(1e-12, 1 - 1e-7)))
-    return (scores / temperature + gumbel).argmax(-1)
+    t = torch.as_tensor(temperature, dtype=torch.float32, device=scores.device).expand(len(scores))
+    greedy = scores.argmax(-1)
+    if not bool((t > 0).any()):
+        return greedy
+    z = scores / t.clamp(min=1e-6).view(-1, 1)
+    if top_p is not None:
+        z = nucleus(z, top_p)
+    cdf = z.softmax(-1).double().cumsum(-1)
+    u = torch.rand(len(z), dtype=torch.float64, device=z.device) if noise is None else noise.to(z.device)
+    sampled = torch.searchsorted(cdf, (u * cdf[:, -1]).view(-1, 1)).view(-1).clamp(max=z.shape[-1] - 1)
+    return torch.where(t > 0, sampled, greedy)
 
 
 @torch.inference_mode()
@@ -107,44 +130,34 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, r
     Args: input_ids, attention_mask (B, L) left-padded prompts; rule: a decoding.processors rule built for these
     B rows (None: plain decoding); eos_token_id one id or several; temperature 0 = greedy; min_new_tokens bans EOS
     before that many tokens (set it to max_new_tokens for fixed-length benchmarks); seeds: one per row for
-    batch-independent sampling; temperature and top_p may be (B,) tensors, one value per row (`pick_tokens`).
-    Stops after max_new_tokens or when every row has finished; a finished row gets pad_token_id (and its guides
-    keep advancing on it, so no cache ever leaves lockstep).
+    batch-independent sampling (else drawn from torch's generator); temperature and top_p may be (B,) tensors,
+    one value per row (`pick_tokens`). Stops after max_new_tokens or when every row has finished.
 
     A row finishes at its EOS, or when the caller says so: `steps.send(rows)` with a (B,) bool tensor instead of
     `next(steps)` finishes those rows after the step just yielded (a stop string, a row's own token limit, a
-    client gone) and returns the next step's tokens. A plain `for` loop sends nothing and changes nothing.
+    client gone) and returns the next step's tokens. A finished row leaves the batch (decoding.scheduler.Batch,
+    the step the decode API runs too: its caches and its guides' lose the row; a decoding.processors rule cannot
+    drop rows, so under one it stays and its guides read pad) and yields pad from then on.
     """
-    from transformers import DynamicCache
+    from decoding.scheduler import Batch
 
-    from decoding.guides import positions
-
-    device = model.device
-    eos = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
-    mask, cache = attention_mask.to(device), DynamicCache(config=model.config)
-    logits = model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions(mask),
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    sampling = bool((torch.as_tensor(temperature) > 0).any())  # per-row temperatures: any row that samples
-    generators = row_generators(seeds) if seeds is not None and sampling else None
-    finished = torch.zeros(len(mask), dtype=torch.bool, device=device)
+    B, device = len(input_ids), model.device
+    sampling = bool((torch.as_tensor(temperature) > 0).any())
+    seeds = seeds if seeds is not None or not sampling else torch.randint(2**62, (B,)).tolist()
+    batch = Batch(model, input_ids, attention_mask, rule, tags=list(range(B)), eos=eos_token_id,
+                  temperature=torch.as_tensor(temperature, dtype=torch.float32).expand(B), top_p=top_p,
+                  seeds=seeds or [0] * B, min_new_tokens=min_new_tokens, pad_token_id=pad_token_id)
+    alive = torch.arange(B, device=device)  # the input row of each batch row
     for t in range(max_new_tokens):
-        scores = logits.float()
-        if t < min_new_tokens:
-            scores[:, eos] = float("-inf")
-        if rule is not None:
-            scores = rule(scores)
-        token = pick_tokens(scores, temperature, generators, top_p).masked_fill(finished, pad_token_id)
-        finished |= torch.isin(token, eos)
-        stop = yield token
+        token = batch.pick()
+        finished = batch.done | torch.isin(token, batch.eos)
+        stop = yield torch.full((B,), pad_token_id, dtype=torch.long, device=device).index_copy(0, alive, token)
         if stop is not None:
-            finished |= stop.to(device)
+            finished |= stop.to(device)[alive]
         if t + 1 == max_new_tokens or bool(finished.all()):  # one host sync per step; noise next to a forward
             return
-        if rule is not None:
-            rule.advance(token)
-        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+        batch.advance(token, ~finished)
+        alive = alive[~finished] if batch.evicts else alive
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rule=None, **kw) -> torch.Tensor:

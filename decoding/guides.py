@@ -22,6 +22,12 @@ padding its batch happens to need. All calls run under inference mode; logits co
 `load_guide` reads a guide directory for a base's tokenizer and refuses, in one line, a guide whose vocabulary is
 not the base's (a world guide beside a pretrained base): token ids would mean different things to the two, and
 fitting the guide's embedding to the base's tokenizer would write garbage rows.
+
+Continuous batching (decoding/scheduler.py) moves rows between batches: `select(keep)` keeps some rows of a
+cache (index_select on the batch dim, then the leading columns no kept row attends to are dropped, so an evicted
+row's memory goes), `merge(other)` appends another's rows after left-padding the narrower cache with masked
+columns (no row is recomputed), and a `chunk` (rows x columns per `fill()`) prefills a long prompt over several
+calls so that decoding steps can run between them. Row surgery is tested against a recompute from scratch.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -48,6 +56,65 @@ def left_pad(rows: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Te
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
     return ids.to(device), mask.to(device)
+
+
+def select_rows(cache: DynamicCache, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Keep rows `keep` (n,) of a cache and its (R, T) mask, in that order, and drop the leading columns that no
+    kept row attends to (a finished long row's width goes with it); the new (n, T') mask."""
+    keep = keep.to(mask.device)
+    mask = mask.index_select(0, keep)
+    live = mask.any(0)
+    first = int(live.int().argmax()) if bool(live.any()) else mask.shape[1]
+    for layer in layers_of(cache):  # one copy of what stays
+        layer.keys = layer.keys[:, :, first:].index_select(0, keep)
+        layer.values = layer.values[:, :, first:].index_select(0, keep)
+    return mask[:, first:]
+
+
+def merge_rows(cache: DynamicCache, mask: torch.Tensor, other: DynamicCache, other_mask: torch.Tensor) -> torch.Tensor:
+    """Append `other`'s rows to `cache` (in place), left-padding the narrower side's keys, values and mask with
+    masked columns; the merged (R + R', max(T, T')) mask. Positions count real tokens, so nothing is recomputed."""
+    width = max(mask.shape[1], other_mask.shape[1])
+    for a, b in zip(layers_of(cache), layers_of(other), strict=True):
+        for name in ("keys", "values"):
+            x, y = getattr(a, name), getattr(b, name)
+            out = x.new_empty((len(x) + len(y), x.shape[1], width, x.shape[3]))  # one copy of each side
+            for rows, t in ((slice(0, len(x)), x), (slice(len(x), None), y.to(x.device))):
+                out[rows, :, :width - t.shape[2]] = 0  # masked columns, but never NaN
+                out[rows, :, width - t.shape[2]:] = t
+            setattr(a, name, out)
+    left = lambda m: F.pad(m, (width - m.shape[1], 0))  # noqa: E731
+    return torch.cat([left(mask), left(other_mask.to(mask.device))])
+
+
+def layers_of(cache: DynamicCache) -> list:
+    """The cache's layers, refused in one line unless each is a plain full-attention DynamicLayer (a sliding
+    window's rows cannot be padded and merged this way)."""
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        raise NotImplementedError(f"rows of a cache with {sorted({type(x).__name__ for x in cache.layers})} layers "
+                                  "cannot be selected or merged; only full-attention DynamicLayer caches can")
+    return cache.layers
+
+
+class Prompt:
+    """A left-padded (R, T) prompt block fed to a model in column chunks: `next(budget)` gives the next columns'
+    ids, the mask up to their end and their positions, about `budget` tokens (rows x columns) at a time (None:
+    all that remain), or None once every column has been given."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self.ids, self.mask, self.given = input_ids, attention_mask, 0
+
+    @property
+    def done(self) -> bool:
+        return self.given >= self.mask.shape[1]
+
+    def next(self, budget: int | None):
+        if self.done:
+            return None
+        width = self.mask.shape[1] - self.given if budget is None else max(1, budget // len(self.mask))
+        cols = slice(self.given, min(self.given + width, self.mask.shape[1]))
+        self.given = cols.stop
+        return self.ids[:, cols], self.mask[:, :cols.stop], positions(self.mask)[:, cols]
 
 
 def vocabulary_mismatch(path, tokenizer) -> str | None:
@@ -85,14 +152,18 @@ def load_guide(path, tokenizer, *, reward: bool = False, dtype: str = "float32",
 
 class Guide:
     """A causal LM over its own prompt rows with its own DynamicCache; `logits` (R, V) fp32 is always the
-    distribution of the next token after the prompt plus every token given to `advance` so far."""
+    distribution of the next token after the prompt plus every token given to `advance` so far. With a `chunk`,
+    the prompt is prefilled by `fill()` calls of about `chunk` tokens each (logits None until it is all in)."""
 
     @torch.inference_mode()
-    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        self.model = model
-        self.mask = attention_mask.to(model.device)
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk: int | None = None):
+        self.model, self.chunk = model, chunk
+        self.prompt = Prompt(input_ids.to(model.device), attention_mask.to(model.device))
+        self.mask = self.prompt.mask[:, :0]
         self.cache = DynamicCache(config=model.config)
-        self.logits = self._forward(input_ids.to(model.device), positions(self.mask))
+        self.logits: torch.Tensor | None = None
+        while chunk is None and not self.fill():
+            pass
 
     @property
     def rows(self) -> int:
@@ -102,6 +173,16 @@ class Guide:
     def device(self) -> torch.device:
         """Where the guide's logits live; a rule keeps its per-row preference tensors there too."""
         return self.mask.device
+
+    @torch.inference_mode()
+    def fill(self) -> bool:
+        """Prefill the prompt's next chunk (all of it without a chunk); True once the whole prompt is cached."""
+        part = self.prompt.next(self.chunk)
+        if part is not None:
+            ids, self.mask, pos = part
+            logits = self._forward(ids, pos)
+            self.logits = logits if self.prompt.done else None
+        return self.prompt.done
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         # logits_to_keep=1: the LM head runs on the last position only (a V x d matmul per row, not per token).
@@ -116,6 +197,16 @@ class Guide:
             raise ValueError(f"Guide.advance: expected ({self.rows},) tokens, got {tuple(tokens.shape)}")
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
         self.logits = self._forward(tokens.view(-1, 1).to(self.mask.device), self.mask.sum(-1, keepdim=True) - 1)
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep rows `keep` (n,) only, in that order; the others' cache memory is released."""
+        self.mask = select_rows(self.cache, self.mask, keep)
+        self.logits = self.logits.index_select(0, keep.to(self.logits.device))
+
+    def merge(self, other: Guide) -> None:
+        """Append the rows of another prefilled guide of the same model after these."""
+        self.mask = merge_rows(self.cache, self.mask, other.cache, other.mask)
+        self.logits = torch.cat([self.logits, other.logits.to(self.logits.device)])
 
 
 class CandidateReward(Protocol):
@@ -140,16 +231,37 @@ def score_head(model) -> torch.nn.Module:
 
 class CachedSequenceReward:
     """A decoder sequence classifier (one output: the reward) scored at k candidates per row in one masked
-    forward over its own prefix cache; `CandidateReward`."""
+    forward over its own prefix cache; `CandidateReward`. `chunk`, `fill`, `select`, `merge` as Guide's."""
 
     @torch.inference_mode()
-    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        self.backbone, self.head = model.base_model, score_head(model)
-        self.mask = attention_mask.to(model.device)
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk: int | None = None):
+        self.backbone, self.head, self.chunk = model.base_model, score_head(model), chunk
+        self.prompt = Prompt(input_ids.to(model.device), attention_mask.to(model.device))
+        self.mask = self.prompt.mask[:, :0]
         self.cache = DynamicCache(config=model.config)
-        self.backbone(input_ids=input_ids.to(model.device), attention_mask=self.mask,
-                      position_ids=positions(self.mask), past_key_values=self.cache, use_cache=True)
         self.candidates: torch.Tensor | None = None  # (R, k) of the last `score`, whose keys/values are cached
+        while chunk is None and not self.fill():
+            pass
+
+    @torch.inference_mode()
+    def fill(self) -> bool:
+        part = self.prompt.next(self.chunk)
+        if part is not None:
+            ids, self.mask, pos = part
+            self.backbone(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+                          use_cache=True)
+        return self.prompt.done
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep rows `keep` (n,), in that order (the candidates of a `score` too)."""
+        self.mask = select_rows(self.cache, self.mask, keep)
+        if self.candidates is not None:
+            self.candidates = self.candidates.index_select(0, keep.to(self.candidates.device))
+
+    def merge(self, other: CachedSequenceReward) -> None:
+        if self.candidates is not None or other.candidates is not None:
+            raise RuntimeError("CachedSequenceReward.merge: between score and advance; merge after advance")
+        self.mask = merge_rows(self.cache, self.mask, other.cache, other.mask)
 
     @torch.inference_mode()
     def score(self, candidates: torch.Tensor) -> torch.Tensor:

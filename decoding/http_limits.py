@@ -1,15 +1,19 @@
 """The decode API's defences below the routes (decoding/serve.py): what a hostile or broken client can hold or send.
 
     Gate(app, api_key, max_body_bytes, read_timeout_s)     ASGI: the API key, the body's framing, size and deadline
-    guarded_h11(read_timeout_s)                            uvicorn `http=`: uvicorn's h11 protocol with a deadline on
-                                                           the request head, JSON errors, the connection limit
+    guarded_h11(read_timeout_s, write_timeout_s)           uvicorn `http=`: uvicorn's h11 protocol with deadlines on
+                                                           the request and on a stalled reader, JSON errors, the
+                                                           connection limit
 
 uvicorn's h11 protocol times out only idle keep-alive connections: a client that connects and stays silent, or
 sends its head one byte at a time, is held forever. One timer per connection, armed until the head has arrived,
-is the least that closes those (a watchdog over all connections would poll); the body's deadline is an ASGI
-`receive()` timeout in Gate, which answers through the app like any refusal. Every refusal is an OpenAI error
-object (decoding/api.py), including h11's malformed-request 400 and the connection limit's 503, which uvicorn
-writes as plain text.
+is the least that closes those (a watchdog over all connections would poll). A request has ONE read deadline,
+read_timeout_s from its first byte (or the connection's start) to its body's last: the protocol hands it to Gate
+in the scope (`extensions["read_deadline"]`), whose `receive()` timeout answers through the app like any refusal.
+A client that stops reading its response pauses the transport's writes; one that stays paused write_timeout_s is
+aborted, which frees its connection and cancels its rows. Past `max_connections` open sockets, a new one is
+answered 503 and closed as it is accepted. Every refusal is an OpenAI error object (decoding/api.py), including
+h11's malformed-request 400 and the connection limit's 503, which uvicorn writes as plain text.
 """
 
 import asyncio
@@ -36,7 +40,7 @@ class Gate:
             return await self.app(scope, receive, send)
         refusal = self.check_headers(dict(scope.get("headers") or []))
         if refusal is None:
-            body = await self.read_body(receive)
+            body = await self.read_body(receive, (scope.get("extensions") or {}).get("read_deadline"))
             if body is None:  # the client left before its body ended: nobody to answer
                 return None
             if isinstance(body, APIError):
@@ -71,14 +75,16 @@ class Gate:
             return APIError(413, f"the body exceeds {self.max_body} bytes", None, "body_too_large")
         return None
 
-    async def read_body(self, receive) -> bytes | APIError | None:
-        """The whole body, an APIError (413 too large, 408 too slow), or None when the client disconnected."""
-        deadline, parts, size = time.monotonic() + self.read_timeout_s, [], 0
+    async def read_body(self, receive, deadline: float | None = None) -> bytes | APIError | None:
+        """The whole body by `deadline` (monotonic; the request's, else read_timeout_s from now), an APIError (413
+        too large, 408 too slow), or None when the client disconnected."""
+        deadline = time.monotonic() + self.read_timeout_s if deadline is None else deadline
+        parts, size = [], 0
         while True:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                return APIError(408, f"the request body did not arrive within {self.read_timeout_s} s", None,
+                return APIError(408, f"the request did not arrive within {self.read_timeout_s} s", None,
                                 "read_timeout")
             if message["type"] == "http.disconnect":
                 return None
@@ -99,50 +105,76 @@ def error_bytes(err: APIError) -> bytes:
     return head.encode() + body
 
 
-def guarded_h11(read_timeout_s: float):
+def guarded_h11(read_timeout_s: float, write_timeout_s: float = 30.0):
     """What uvicorn's `Config(http=...)` calls once per connection (with config, server_state, app_state)."""
-    return functools.partial(GuardedH11, read_timeout_s=read_timeout_s)
+    return functools.partial(GuardedH11, read_timeout_s=read_timeout_s, write_timeout_s=write_timeout_s)
 
 
 class GuardedH11(asyncio.Protocol):
     """uvicorn's H11Protocol, composed: a timer from the connection's start (or a kept-alive connection's first
-    new byte) to the request head's end; at expiry a 408 error object when part of a head came, else a close.
-    The connection limit (uvicorn's `limit_concurrency`) is checked here, so that its 503 is an error object."""
+    new byte) to the request head's end; at expiry a 408 error object when part of a head came, else a close; the
+    same start's deadline for the body (Gate); a timer while writes are paused (a client not reading), at whose
+    expiry the connection is aborted. The connection limit (uvicorn's `limit_concurrency`) is checked here, on
+    every accepted socket and every request, so that its 503 is an error object."""
 
-    def __init__(self, config, server_state, app_state, _loop=None, *, read_timeout_s: float):
+    def __init__(self, config, server_state, app_state, _loop=None, *, read_timeout_s: float,
+                 write_timeout_s: float = 30.0):
         from uvicorn.protocols.http.h11_impl import H11Protocol
 
         self.inner = H11Protocol(config, server_state, app_state, _loop)
         self.inner.send_400_response = self.malformed  # uvicorn's answer to h11's RemoteProtocolError
         self.limit, self.inner.limit_concurrency = config.limit_concurrency, None
         self.inner.app = functools.partial(self.admit, self.inner.app)
-        self.state, self.read_timeout_s = server_state, read_timeout_s
-        self.transport, self.timer = None, None
+        self.state, self.read_timeout_s, self.write_timeout_s = server_state, read_timeout_s, write_timeout_s
+        self.transport, self.timer, self.stalled, self.started = None, None, None, time.monotonic()
+        self.refused = False  # past the connection limit: answered 503, its bytes discarded until it closes
 
     # asyncio.Protocol, forwarded
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.inner.connection_made(transport)
+        if self.limit is not None and len(self.state.connections) > self.limit:  # this one counted
+            # write, then half-close: closing outright with the client's request unread would send a reset,
+            # which can destroy the 503 before the client reads it; a client that never closes is cut off
+            self.refused = True
+            transport.write(error_bytes(self.busy()))
+            transport.write_eof()
+            self.timer = asyncio.get_running_loop().call_later(1.0, transport.abort)
+            return
+        self.started = time.monotonic()
         self.timer = asyncio.get_running_loop().call_later(self.read_timeout_s, self.expire)
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if self.timer is None and self.awaiting_head():  # the first byte of a kept-alive connection's next request
+            self.started = time.monotonic()
+            self.timer = asyncio.get_running_loop().call_later(self.read_timeout_s, self.expire)
         self.inner.data_received(data)
         if not self.awaiting_head():
             self.disarm()
-        elif self.timer is None:  # the first byte of a kept-alive connection's next request
-            self.timer = asyncio.get_running_loop().call_later(self.read_timeout_s, self.expire)
 
     def connection_lost(self, exc) -> None:
         self.disarm()
+        if self.stalled is not None:
+            self.stalled.cancel()
         self.inner.connection_lost(exc)
 
     def eof_received(self) -> None:
+        if self.refused:
+            self.transport.close()
+            return
         self.inner.eof_received()
 
     def pause_writing(self) -> None:
         self.inner.pause_writing()
+        if self.stalled is None:
+            self.stalled = asyncio.get_running_loop().call_later(self.write_timeout_s, self.transport.abort)
 
     def resume_writing(self) -> None:
+        if self.stalled is not None:
+            self.stalled.cancel()
+            self.stalled = None
         self.inner.resume_writing()
 
     # the deadline
@@ -183,7 +215,10 @@ class GuardedH11(asyncio.Protocol):
         """The app, unless more than `limit` connections are open or requests running (this one counted)."""
         if self.limit is not None and scope["type"] == "http" and (
                 len(self.state.connections) > self.limit or len(self.state.tasks) > self.limit):
-            err = APIError(503, f"the server is at its limit of {self.limit} connections; retry later", None,
-                           "server_busy")
-            return await err.response(close=True)(scope, receive, send)
+            return await self.busy().response(close=True)(scope, receive, send)
+        scope.setdefault("extensions", {})["read_deadline"] = self.started + self.read_timeout_s
         return await app(scope, receive, send)
+
+    def busy(self) -> APIError:
+        return APIError(503, f"the server is at its limit of {self.limit} connections; retry later", None,
+                        "server_busy")

@@ -34,7 +34,8 @@ the attribute prompts with the base itself.
 
 Batching: `build_rule(guidance, rows)` groups a batch's rows by method and builds one rule per method present
 (decoding/processors.py: one guide forward per model per step for all its rows, per-row strengths and weights),
-composed by `RowGroupsRule`; rows of none/prompt keep the base scores bit for bit.
+composed by `RowGroupsRule`; rows of none/prompt keep the base scores bit for bit. Rows leave and join a running
+batch between steps (`RowGroupsRule.select` / `merge`, decoding/scheduler.py) with their guides' cache rows.
 """
 
 from __future__ import annotations
@@ -213,23 +214,82 @@ def encode_rows(guidance: Guidance, prompt: str | list[dict], p: Resolved) -> Ro
 
 
 # --- rules for a batch ----------------------------------------------------------------------------------------------
-class RowGroupsRule:
-    """Rules over disjoint row groups of one batch, `groups` = [(rows (n,) long, rule built for those n rows)]:
-    scores[rows] = rule(scores[rows]); rows in no group keep their scores unchanged. (B, V) in and out."""
+@dataclass
+class Group:
+    """One method's rows of a batch: their batch rows (ascending), personalizations, and the guide state over
+    their guide rows (`guide_rows` per user, user-major: 1, or Drift's 1 + nnz), with the rule built over it."""
 
-    def __init__(self, groups: list[tuple[torch.Tensor, Any]]):
-        self.groups = groups
+    method: str
+    rows: torch.Tensor  # (n,) long
+    people: list[Resolved]
+    guide_rows: list[int]
+    state: Any  # decoding.guides.Guide | CachedSequenceReward
+    rule: Any = None
+
+
+class RowGroupsRule:
+    """Rules over disjoint row groups of one batch (one `Group` per method present): scores[rows] =
+    rule(scores[rows]); rows in no group keep their scores unchanged. (B, V) in and out.
+
+    Rows leave (`select`) and join (`merge`) between steps: each group's guide state keeps or gains exactly its
+    users' guide rows, and its rule (per-row strengths, weights) is rebuilt over them, so every guide cache stays
+    in lockstep with the batch. `fill()` prefills the guides' prompts chunk by chunk (`build_rule(chunk=...)`)."""
+
+    def __init__(self, guidance: Guidance, groups: list[Group]):
+        self.g, self.groups = guidance, groups
+        for group in groups:
+            group.rule = RULES[group.method](guidance, group.state, group.people)
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         out = scores.clone()
-        for rows, rule in self.groups:
-            idx = rows.to(scores.device)
-            out[idx] = rule(scores[idx])
+        for group in self.groups:
+            idx = group.rows.to(scores.device)
+            out[idx] = group.rule(scores[idx])
         return out
 
     def advance(self, tokens: torch.Tensor) -> None:
-        for rows, rule in self.groups:
-            rule.advance(tokens[rows.to(tokens.device)])
+        for group in self.groups:
+            group.rule.advance(tokens[group.rows.to(tokens.device)])
+
+    def fill(self) -> bool:
+        """One prefill chunk of the first guide whose prompt is not all cached yet; True once all are."""
+        pending = [group for group in self.groups if not group.state.prompt.done]
+        return not pending or (pending[0].state.fill() and len(pending) == 1)
+
+    def select(self, keep: torch.Tensor, rows: int) -> None:
+        """Keep the batch rows `keep` (n,) ascending, of `rows`; they become rows 0..n-1."""
+        new = torch.full((rows,), -1, dtype=torch.long)
+        new[keep.cpu()] = torch.arange(len(keep))
+        groups = []
+        for group in self.groups:
+            where = new[group.rows]
+            kept = (where >= 0).tolist()
+            if not any(kept):
+                continue
+            starts = np.cumsum([0, *group.guide_rows])
+            guide_keep = [r for b, k in enumerate(kept) if k for r in range(starts[b], starts[b + 1])]
+            if not all(kept):
+                group.state.select(torch.tensor(guide_keep))
+                group.people = [p for p, k in zip(group.people, kept, strict=True) if k]
+                group.guide_rows = [n for n, k in zip(group.guide_rows, kept, strict=True) if k]
+                group.rule = RULES[group.method](self.g, group.state, group.people)
+            group.rows = where[where >= 0]
+            groups.append(group)
+        self.groups = groups
+
+    def merge(self, other: RowGroupsRule, offset: int) -> None:
+        """Append `other`'s rows, which become batch rows offset, offset + 1, ...; its guides' rows join ours."""
+        mine = {group.method: group for group in self.groups}
+        for group in other.groups:
+            group.rows = group.rows + offset
+            if group.method not in mine:
+                self.groups.append(group)
+                continue
+            into = mine[group.method]
+            into.state.merge(group.state)
+            into.rows, into.people = torch.cat([into.rows, group.rows]), into.people + group.people
+            into.guide_rows = into.guide_rows + group.guide_rows
+            into.rule = RULES[into.method](self.g, into.state, into.people)
 
 
 def _padded(guidance: Guidance, rows: list[list[int]], model):
@@ -238,57 +298,69 @@ def _padded(guidance: Guidance, rows: list[list[int]], model):
     return left_pad(rows, guidance.tokenizer.pad_token_id, model.device)
 
 
-def pad_group(g: Guidance, rows: list[tuple[Resolved, RowTokens]]):
-    from decoding.guides import Guide
+def _strengths(people: list[Resolved]) -> torch.Tensor:
+    return torch.tensor([p.strength for p in people], dtype=torch.float32)
+
+
+def _drift_weights(people: list[Resolved]) -> torch.Tensor:
+    return torch.tensor([p.weights for p in people], dtype=torch.float32)
+
+
+def pad_rule_of(g: Guidance, guide, people: list[Resolved]):
     from decoding.processors import pad_rule
 
-    model = g.guide_model("pad")
-    guide = Guide(model, *_padded(g, [t.contexts[0] for _, t in rows], model))
-    return pad_rule(guide, torch.tensor([p.strength for p, _ in rows]), g.pad_top_k)
+    return pad_rule(guide, _strengths(people), g.pad_top_k)
 
 
-def genarm_group(g: Guidance, rows: list[tuple[Resolved, RowTokens]]):
-    from decoding.guides import Guide
+def genarm_rule_of(g: Guidance, guide, people: list[Resolved]):
     from decoding.processors import genarm_rule
 
-    model = g.guides["arm"]
-    return genarm_rule(Guide(model, *_padded(g, [t.contexts[0] for _, t in rows], model)),
-                       torch.tensor([p.strength for p, _ in rows]))
+    return genarm_rule(guide, _strengths(people))
 
 
-def args_group(g: Guidance, rows: list[tuple[Resolved, RowTokens]]):
-    from decoding.guides import CachedSequenceReward
+def args_rule_of(g: Guidance, reward, people: list[Resolved]):
     from decoding.processors import args_rule
 
-    model = g.guides["rm"]
-    reward = CachedSequenceReward(model, *_padded(g, [t.contexts[0] for _, t in rows], model))
-    return args_rule(reward, torch.tensor([p.strength for p, _ in rows]), g.args_top_k)
+    return args_rule(reward, _strengths(people), g.args_top_k)
 
 
-def drift_group(g: Guidance, rows: list[tuple[Resolved, RowTokens]]):
+def drift_rule_of(g: Guidance, guide, people: list[Resolved]):
     """Drift over B + nnz(weights) guide rows (only the attributes a user weighs get a row)."""
-    from decoding.guides import Guide
-    from decoding.processors import drift_rows, drift_rule
+    from decoding.processors import drift_rule
 
-    weights = torch.tensor([p.weights for p, _ in rows], dtype=torch.float32)
-    active = weights != 0
-    model = g.drift_model()
-    contexts = [rows[b][1].contexts[i] for b, i in drift_rows(active)]
-    beta = 1.0 / torch.tensor([p.strength for p, _ in rows], dtype=torch.float32)  # strength 0: beta inf, no drift
-    return drift_rule(Guide(model, *_padded(g, contexts, model)), weights, beta, active)
+    weights = _drift_weights(people)
+    return drift_rule(guide, weights, 1.0 / _strengths(people), weights != 0)  # strength 0: beta inf, no drift
 
 
-GROUP_BUILDERS = {"pad": pad_group, "genarm": genarm_group, "args": args_group, "drift": drift_group}
+RULES = {"pad": pad_rule_of, "genarm": genarm_rule_of, "args": args_rule_of, "drift": drift_rule_of}
 
 
-def build_rule(guidance: Guidance, rows: list[tuple[Resolved, RowTokens]]) -> RowGroupsRule | None:
-    """One rule for a batch of rows (None when no row is guided): one group, one guide forward per method."""
+def guide_state(g: Guidance, method: str, rows: list[tuple[Resolved, RowTokens]], chunk: int | None):
+    """The guide a method's rows read (its KV cache over their guide prompts), and its guide rows per user."""
+    from decoding.guides import CachedSequenceReward, Guide
+    from decoding.processors import drift_rows
+
+    if method == "drift":
+        active = _drift_weights([p for p, _ in rows]) != 0
+        contexts = [rows[b][1].contexts[i] for b, i in drift_rows(active)]
+        model = g.drift_model()
+        return Guide(model, *_padded(g, contexts, model), chunk), (1 + active.sum(1)).tolist()
+    model = g.guide_model(method)
+    state = CachedSequenceReward if method == "args" else Guide
+    return state(model, *_padded(g, [t.contexts[0] for _, t in rows], model), chunk), [1] * len(rows)
+
+
+def build_rule(guidance: Guidance, rows: list[tuple[Resolved, RowTokens]],
+               chunk: int | None = None) -> RowGroupsRule | None:
+    """One rule for a batch of rows (None when no row is guided): one group, one guide forward per method. With a
+    `chunk` the guides' prompts are prefilled by `rule.fill()` calls, about `chunk` tokens each."""
     groups = []
-    for method, builder in GROUP_BUILDERS.items():
+    for method in RULES:
         idx = [b for b, (p, _) in enumerate(rows) if p.method == method]
         if idx:
-            groups.append((torch.tensor(idx), builder(guidance, [rows[b] for b in idx])))
-    return RowGroupsRule(groups) if groups else None
+            state, guide_rows = guide_state(guidance, method, [rows[b] for b in idx], chunk)
+            groups.append(Group(method, torch.tensor(idx), [rows[b][0] for b in idx], guide_rows, state))
+    return RowGroupsRule(guidance, groups) if groups else None
 
 
 # --- Drift weights from a user's labelled pairs ---------------------------------------------------------------------

@@ -1,28 +1,35 @@
-"""The decode API's batcher: requests from many users wait in one bounded queue, and a single worker thread decodes
-them in batches through `decoding.generate.decode_steps`, one batched forward per model per step.
+"""Iteration-level scheduling (continuous batching) for the decode API: requests from many users wait in one
+bounded queue, and a single worker thread runs ONE running batch of rows, one batched forward per model per step;
+a row leaves the batch the step it finishes and waiting requests join it between steps, guides' caches included.
 
-    engine = Engine(guidance, max_batch_size=32, max_queue=256, batch_wait_s=0.02)
+    engine = Engine(guidance, max_batch_size=32, max_batch_tokens=65536, max_queue=256, prefill_chunk=512)
     engine.start()
     engine.submit(job)            # QueueFull when max_queue jobs are already waiting (the server answers 429)
     await job.events.get()        # ("delta", row, text) while streaming, ("finish", row, reason), ("end", ..)
-    job.cancel("disconnected")    # its rows stop at the next step
-    engine.between_batches(fn)    # from another thread: fn() on the worker, after the running batch; its result
+    job.cancel("disconnected")    # its rows leave the batch at the next step
+    engine.between_steps(fn)      # from another thread: fn() on the worker, between two steps; its result
 
-Batching (micro-batches, research/ecosystem.md §8.2): the worker takes the oldest waiting job, waits for as many
-rows as the recent demand while requests keep arriving (`_collect`), and decodes every job that fits in
-`max_batch_size` rows together, whatever each row's personalization (decoding/personalization.py builds one
-rule per method present; strengths, weights, temperatures, top-p and seeds are per row). A job's rows are never
-split across batches. Requests that arrive while a batch runs wait for the next one; rows do not join a running
-batch (no continuous batching: the guides' KV caches cannot merge rows yet).
+Orca's iteration-level scheduling (Yu et al., OSDI 2022), as vLLM, TGI and SGLang run it, extended to guided
+decoding: a row's guide rows (PAD's, GenARM's, ARGS's reward model, Drift's 1 + nnz attribute contexts) live in
+their own models' KV caches, and every cache gains and loses the row's rows in lockstep (decoding/guides.py
+`select_rows` / `merge_rows`, decoding/personalization.py `RowGroupsRule.select` / `merge`). Each worker turn:
 
-Rows leave a running batch at their EOS, their own max_tokens, a stop string, a cancelled job (client gone,
-request timed out) or a failed job: `decode_steps` is told through `steps.send(done)` and gives them pad from then
-on; they no longer stream, count or hold the batch open (it ends when its last live row ends), but their pad
-positions stay in the batch's forwards until it ends (research/decoding.md §7.4 item 10: finished rows keep the
-guides' caches in lockstep).
+    1. admit: the oldest waiting jobs that fit (first come, first served: a later job never overtakes an earlier
+       one, so a long request waits only for running rows to finish, each within its own max_tokens);
+    2. prefill the admitted rows apart from the running ones (every model, about `prefill_chunk` rows x tokens
+       per turn, so a long prompt never stalls decoding for more than one chunk), then merge them into the running
+       batch: the narrower cache is left-padded with masked columns, nothing already cached is recomputed;
+    3. one step of the running batch (`Batch.pick`, `Batch.advance`); a row whose EOS, max_tokens, stop string or
+       cancelled job (client gone, timed out) ends it leaves that step, its cache memory freed, and its job hears
+       "finish" (and "end" with its last row) at once, not when the longest row beside it ends.
 
-Sampling is per row (Gumbel-max from the row's own seeded generator, decode_steps), so a request's tokens do not
-depend on what else is in its batch: greedy ones up to float noise between batch shapes.
+A batch holds at most `max_batch_size` rows and rows x context <= `max_batch_tokens`, where context is the longest
+prompt of any row (base or guide) plus its max_tokens: the longest the cache can grow to. Sampling is per row
+(`decoding.generate.pick_tokens` on uniforms that are a pure function of the row's seed and step), so a request's
+tokens do not depend on what else is in its batch or when it joined: greedy ones up to float noise.
+
+`Batch` is also the loop of offline decoding (`decoding.generate.decode_steps`): one decode loop for both. The
+measurements are in docs/experiments/serving.md.
 """
 
 from __future__ import annotations
@@ -39,11 +46,101 @@ from typing import Any
 
 import torch
 
-from decoding.personalization import Guidance, Resolved, RowTokens, build_rule
+from decoding.generate import pick_tokens, seed_tensor, uniforms
+from decoding.guides import Guide, left_pad
+from decoding.personalization import Guidance, Resolved, RowGroupsRule, RowTokens, build_rule
 
 log = logging.getLogger(__name__)
 
 
+# --- the running batch: one step of the one decode loop ---------------------------------------------------------
+class Batch:
+    """Rows decoding together: the base model's KV cache over their prompts (a `Guide`), the guidance rule over
+    the same rows, per-row temperature, top-p, seed and step count, and one `tag` per row (the caller's handle).
+
+    pick() -> (R,) tokens; advance(tokens, keep) moves rows `keep` (R,) bool on by their token and evicts the
+    others; merge(other) appends a prefilled batch's rows. A rule that cannot drop rows (a decoding.processors rule
+    built for a fixed batch) keeps finished rows in the batch reading pad instead (`done`), as offline decoding
+    always did.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rule=None, *, tags: list,
+                 eos: int | list[int], temperature, seeds: list[int], top_p=None, min_new_tokens: int = 0,
+                 pad_token_id: int = 0, chunk: int | None = None):
+        R = len(input_ids)
+        self.base = Guide(model, input_ids, attention_mask, chunk)
+        self.rule, self.tags, self.pad = rule, tags, pad_token_id
+        dev = self.base.device
+        self.eos = torch.as_tensor([eos] if isinstance(eos, int) else list(eos), device=dev)
+        self.temperature = torch.as_tensor(temperature, dtype=torch.float32, device=dev).expand(R).clone()
+        self.top_p = None if top_p is None else torch.as_tensor(top_p, dtype=torch.float32, device=dev).expand(R)
+        self.seeds, self.steps = seed_tensor(seeds, dev), torch.zeros(R, dtype=torch.long, device=dev)
+        self.min_new = min_new_tokens  # EOS banned before this many tokens (offline benchmarks only)
+        self.evicts = rule is None or hasattr(rule, "select")
+        self.done = torch.zeros(R, dtype=torch.bool, device=dev)  # finished rows riding along (not `evicts`)
+
+    @property
+    def rows(self) -> int:
+        return len(self.tags)
+
+    def fill(self) -> bool:
+        """One prefill chunk of every model whose prompt is not all cached; True once the batch can step."""
+        done = self.base.fill()
+        return (self.rule is None or not hasattr(self.rule, "fill") or self.rule.fill()) and done
+
+    def pick(self) -> torch.Tensor:
+        scores = self.base.logits
+        if self.min_new and int(self.steps[0]) < self.min_new:  # offline batches: every row at the same step
+            scores = scores.clone()
+            scores[:, self.eos] = float("-inf")
+        if self.rule is not None:
+            scores = self.rule(scores)
+        tokens = pick_tokens(scores, self.temperature, uniforms(self.seeds, self.steps), self.top_p)
+        return tokens.masked_fill(self.done, self.pad)
+
+    def advance(self, tokens: torch.Tensor, keep: torch.Tensor) -> None:
+        """Rows `keep` read their token and stay; the others leave (or, if the rule cannot drop rows, read pad)."""
+        self.steps += 1
+        keep = keep.to(self.base.device)
+        if not self.evicts:
+            self.done |= ~keep
+            tokens = tokens.masked_fill(self.done, self.pad)
+        elif not bool(keep.all()):
+            self.select(keep.nonzero().view(-1))
+            tokens = tokens[keep]
+        if self.rows:
+            if self.rule is not None:
+                self.rule.advance(tokens)
+            self.base.advance(tokens)
+
+    def select(self, idx: torch.Tensor) -> None:
+        """Keep rows idx (n,) ascending; every cache drops the others' rows."""
+        rows = self.rows
+        self.base.select(idx)
+        if self.rule is not None:
+            self.rule.select(idx, rows)
+        self.tags = [self.tags[i] for i in idx.tolist()]
+        self.temperature, self.seeds, self.steps, self.done = (t.index_select(0, idx) for t in (
+            self.temperature, self.seeds, self.steps, self.done))
+        self.top_p = None if self.top_p is None else self.top_p.index_select(0, idx)
+
+    def merge(self, other: Batch) -> None:
+        """Append a prefilled batch's rows (the same model) after these; both must evict finished rows."""
+        offset = self.rows
+        self.base.merge(other.base)
+        if other.rule is not None:
+            self.rule = self.rule or RowGroupsRule(other.rule.g, [])
+            self.rule.merge(other.rule, offset)
+        if self.top_p is not None or other.top_p is not None:
+            ones = lambda b: b.top_p if b.top_p is not None else torch.ones_like(b.temperature)  # noqa: E731
+            self.top_p = torch.cat([ones(self), ones(other)])
+        self.tags = self.tags + other.tags
+        self.temperature, self.seeds, self.steps, self.done = (torch.cat([a, b]) for a, b in (
+            (self.temperature, other.temperature), (self.seeds, other.seeds), (self.steps, other.steps),
+            (self.done, other.done)))
+
+
+# --- requests ---------------------------------------------------------------------------------------------------
 class QueueFull(RuntimeError):
     """The bounded queue already holds max_queue waiting jobs."""
 
@@ -63,17 +160,26 @@ class Row:
     text: str = ""  # decoded so far (final: cut before a stop string)
     sent: int = 0  # characters of `text` already streamed
     finish_reason: str | None = None  # stop | length | cancelled
+    job: Any = field(default=None, repr=False)  # the Job it belongs to, and its choice index there
+    index: int = 0
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.tokens.base)
 
+    @property
+    def context(self) -> int:
+        """The longest its cache rows can grow: its longest prompt (the base's or a guide's) plus max_tokens."""
+        return max(len(t) for t in [self.tokens.base, *self.tokens.contexts]) + self.max_tokens
+
 
 class Job:
-    """One HTTP request: rows decoded in the same batch, and the events its handler reads on its event loop."""
+    """One HTTP request: rows that decode side by side, and the events its handler reads on its event loop."""
 
     def __init__(self, rows: list[Row], stream: bool = False):
-        self.rows, self.stream = rows, stream
+        self.rows, self.stream, self.left = rows, stream, len(rows)
+        for i, row in enumerate(rows):
+            row.job, row.index = self, i
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled: str | None = None  # why its rows must stop (set from the event loop, read by the worker)
@@ -89,24 +195,25 @@ class Job:
             pass
 
 
+# --- the engine -------------------------------------------------------------------------------------------------
 class Engine:
-    """A bounded queue of jobs and the worker thread that decodes them in batches (module docstring)."""
+    """A bounded queue of jobs and the worker thread that runs the one continuous batch (module docstring)."""
 
-    def __init__(self, guidance: Guidance, *, max_batch_size: int = 32, max_queue: int = 256,
-                 batch_wait_s: float = 0.02, eos_ids: list[int] | None = None):
-        self.g, self.max_batch_size, self.max_queue = guidance, max_batch_size, max_queue
-        self.batch_wait_s = batch_wait_s
+    def __init__(self, guidance: Guidance, *, max_batch_size: int = 32, max_batch_tokens: int = 65536,
+                 max_queue: int = 256, prefill_chunk: int = 512, eos_ids: list[int] | None = None):
+        self.g, self.max_batch_size, self.max_batch_tokens = guidance, max_batch_size, max_batch_tokens
+        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         tok = guidance.tokenizer
         self.eos = sorted(set(eos_ids or []) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
         self.pending: collections.deque[Job] = collections.deque()
         self.cond = threading.Condition()
-        self.model_lock = threading.Lock()  # held while the models run: a batch, or a call between batches
+        self.model_lock = threading.Lock()  # held while the models run: a worker turn, or a call between steps
         self.calls: collections.deque[tuple] = collections.deque()  # (fn, Future) for the worker to run
-        self.stats = {"requests": 0, "batches": 0, "rows": 0, "max_batch_rows": 0, "last_batch_rows": 0,
-                      "running_rows": 0, "completion_tokens": 0, "cancelled_rows": 0, "failed_batches": 0,
-                      "rejected_full": 0}
-        self.demand: collections.deque[int] = collections.deque(maxlen=4)  # rows seen during recent batches
-        self.recent: collections.deque[int] = collections.deque(maxlen=16)  # rows of the last batches
+        self.running: Batch | None = None  # the batch that steps
+        self.filling: Batch | None = None  # admitted rows being prefilled, merged into `running` when ready
+        self.stats = {"requests": 0, "rows": 0, "admissions": 0, "steps": 0, "row_steps": 0, "max_batch_rows": 0,
+                      "running_rows": 0, "completion_tokens": 0, "cancelled_rows": 0, "failures": 0,
+                      "rejected_full": 0, "prefill_s": 0.0, "step_s": 0.0}  # the worker's model time, by kind
         self.thread: threading.Thread | None = None
         self.stopping = False
 
@@ -125,9 +232,13 @@ class Engine:
         if self.thread is not None:
             self.thread.join(timeout)
 
+    def fits(self, rows: int, context: int) -> bool:
+        return rows <= self.max_batch_size and rows * context <= self.max_batch_tokens
+
     def submit(self, job: Job) -> None:
-        if len(job.rows) > self.max_batch_size:
-            raise ValueError(f"{len(job.rows)} rows exceed the batch size {self.max_batch_size}")
+        if not self.fits(len(job.rows), max(r.context for r in job.rows)):
+            raise ValueError(f"{len(job.rows)} rows of up to {max(r.context for r in job.rows)} tokens exceed the "
+                             f"batch bounds ({self.max_batch_size} rows, {self.max_batch_tokens} rows x tokens)")
         with self.cond:
             if len(self.pending) >= self.max_queue:
                 self.stats["rejected_full"] += 1
@@ -136,8 +247,8 @@ class Engine:
             self.stats["requests"] += 1
             self.cond.notify()
 
-    def between_batches(self, fn):
-        """Run fn() on the worker between two batches and return its result (or raise its exception): model work
+    def between_steps(self, fn):
+        """Run fn() on the worker between two steps and return its result (or raise its exception): model work
         outside requests (a profile's pair fit, in chunks) alternates with decoding instead of stalling it."""
         future = concurrent.futures.Future()
         with self.cond:
@@ -148,122 +259,128 @@ class Engine:
         return future.result()
 
     def health(self) -> dict:
-        return {**self.stats, "recent_batch_rows": list(self.recent), "queued": len(self.pending),
+        steps = max(self.stats["steps"], 1)
+        return {**self.stats, "mean_batch_rows": self.stats["row_steps"] / steps, "queued": len(self.pending),
                 "max_queue": self.max_queue, "max_batch_size": self.max_batch_size,
+                "max_batch_tokens": self.max_batch_tokens,
                 "worker_alive": bool(self.thread and self.thread.is_alive())}
 
     # --- the worker ---
     def _work(self) -> None:
-        while True:
-            jobs = self._collect()
-            if jobs is None:
-                return
-            with self.model_lock:
-                jobs = [j for j in jobs if not j.cancelled]  # a job may have timed out while the lock was held
-                if jobs:
-                    self._decode(jobs)
-                with self.cond:
-                    call = self.calls.popleft() if self.calls else None
-                if call is not None:  # one call per batch: decoding and calls take turns
-                    fn, future = call
-                    try:
-                        future.set_result(fn())
-                    except Exception as exc:
-                        future.set_exception(exc)
-
-    def _collect(self) -> list[Job] | None:
-        """Block for the oldest job, then gather rows until as many wait as the recent demand (`demand`: per recent
-        batch, its rows plus those that queued while it ran; the largest of the last 4, at most max_batch_size),
-        or until batch_wait_s passes without a new arrival, or 10 x batch_wait_s in all; pop every job that fits,
-        oldest first.
-
-        Why: clients in a closed loop (each sends its next request when its last one returns) come back together,
-        but spread over ~100 ms on a loaded 2-core CPU (3-5 ms of HTTP parsing each). A fixed window of a few ms
-        split 32 such clients into a full batch and a batch of stragglers that then made the others wait
-        (measured: batches of 32, 1, 32, 1 ..., half the throughput). Waiting for the demand regroups them; the
-        quiet gap keeps the wait short when fewer come back; the largest of 4 keeps one small tail batch from
-        resetting the estimate. One client: the target is 1 row, no wait at all."""
-        with self.cond:
-            while not self.pending and not self.calls and not self.stopping:
-                self.cond.wait(0.5)
-            if self.stopping:
-                return None
-            if not self.pending:  # only a call waits: run it now
-                return []
-            target = min(self.max_batch_size, max(self.demand, default=1))
-            waiting = lambda: sum(len(j.rows) for j in self.pending)  # noqa: E731
-            now = time.monotonic()
-            cap, arrived, seen = now + 10 * self.batch_wait_s, now, len(self.pending)
-            while waiting() < target and not self.stopping:
-                until = min(arrived + self.batch_wait_s, cap)
-                if time.monotonic() >= until:
-                    break
-                self.cond.wait(until - time.monotonic())
-                if len(self.pending) != seen:
-                    seen, arrived = len(self.pending), time.monotonic()
-            jobs, rows = [], 0
-            while self.pending and rows + len(self.pending[0].rows) <= self.max_batch_size:
-                job = self.pending.popleft()
-                if job.cancelled:  # gone before it started: nothing to decode, nobody to answer
-                    continue
-                jobs.append(job)
-                rows += len(job.rows)
-            return jobs
-
-    def _decode(self, jobs: list[Job]) -> None:
-        from decoding.generate import decode_steps
-        from decoding.guides import left_pad
-
-        rows = [r for j in jobs for r in j.rows]
-        owner = [j for j in jobs for _ in j.rows]
-        index = [i for j in jobs for i in range(len(j.rows))]  # a row's choice index within its job
-        self.recent.append(len(rows))
-        self.stats.update(running_rows=len(rows), last_batch_rows=len(rows), batches=self.stats["batches"] + 1,
-                          rows=self.stats["rows"] + len(rows),
-                          max_batch_rows=max(self.stats["max_batch_rows"], len(rows)))
-        try:
-            g, tok = self.g, self.g.tokenizer
-            ids, mask = left_pad([r.tokens.base for r in rows], tok.pad_token_id, g.base.device)
-            rule = build_rule(g, [(r.personalization, r.tokens) for r in rows])
-            top_p = torch.tensor([r.top_p for r in rows]) if any(r.top_p < 1 for r in rows) else None
-            steps = decode_steps(g.base, ids, mask, rule, max_new_tokens=max(r.max_tokens for r in rows),
-                                 eos_token_id=self.eos, pad_token_id=tok.pad_token_id,
-                                 temperature=torch.tensor([r.temperature for r in rows]), top_p=top_p,
-                                 seeds=[r.seed for r in rows])
-            done = torch.zeros(len(rows), dtype=torch.bool)
-            token = next(steps)
+        with torch.inference_mode():
             while True:
-                for b, t in enumerate(token.tolist()):
-                    if not done[b]:
-                        done[b] = self._take(rows[b], owner[b], index[b], t)
-                try:
-                    token = steps.send(done)
-                except StopIteration:
-                    break
-            for b, r in enumerate(rows):  # decode_steps ended at max_new_tokens: every live row hit its limit
-                if not done[b]:
-                    self._finish(r, owner[b], index[b], "length")
-            outcome = ("end", None, None)
-        except Exception:  # a bug or an out-of-memory: fail this batch's requests, keep serving
-            error_id = uuid.uuid4().hex[:12]  # the details stay in the log, under this id; clients get the id
-            log.exception("decode batch of %d rows failed (error id %s)", len(rows), error_id)
-            self.stats["failed_batches"] += 1
-            outcome = ("error", None, f"error id {error_id}; the details are in the server log")
-        # settle the state before any client hears back (a client may send its next request at once)
-        self.stats["running_rows"] = 0
-        with self.cond:  # the demand seen during this batch: its rows and those that queued meanwhile
-            self.demand.append(len(rows) + sum(len(j.rows) for j in self.pending))
-        for job in jobs:
-            job.emit(*outcome)
+                with self.cond:
+                    while not (self.pending or self.calls or self.running or self.filling or self.stopping):
+                        self.cond.wait(0.5)
+                    if self.stopping:
+                        break
+                    call = self.calls.popleft() if self.calls else None
+                    admitted = self._admit() if self.filling is None else []
+                with self.model_lock:
+                    if call is not None:  # one call per turn: decoding and calls take turns
+                        fn, future = call
+                        try:
+                            future.set_result(fn())
+                        except Exception as exc:
+                            future.set_exception(exc)
+                    admitted = [j for j in admitted if not j.cancelled]  # timed out while the lock was held
+                    start = time.perf_counter()
+                    if admitted:
+                        self._start_prefill(admitted)
+                    if self.filling is not None:
+                        self._fill()
+                    mid = time.perf_counter()
+                    if self.running is not None:
+                        self._step()
+                    self.stats["prefill_s"] += mid - start
+                    self.stats["step_s"] += time.perf_counter() - mid
+        for batch in (self.running, self.filling):
+            if batch is not None:
+                self._fail(batch, "the server is stopping")
 
-    def _take(self, row: Row, job: Job, index: int, token: int) -> bool:
-        """Account one emitted token of a live row; True when the row is finished now."""
+    def _admit(self) -> list[Job]:
+        """Pop the oldest waiting jobs while they fit beside the running rows (called under `cond`)."""
+        rows = self.running.tags if self.running is not None else []
+        rows, context, jobs = len(rows), max((r.context for r in rows), default=0), []
+        while self.pending:
+            job = self.pending[0]
+            if job.cancelled:  # gone before it started: nothing to decode, nobody to answer
+                self.pending.popleft()
+                continue
+            need = max(context, *(r.context for r in job.rows))
+            if not self.fits(rows + len(job.rows), need):
+                break  # first come, first served: nobody overtakes the oldest
+            jobs.append(self.pending.popleft())
+            rows, context = rows + len(job.rows), need
+        return jobs
+
+    def _start_prefill(self, jobs: list[Job]) -> None:
+        rows = [r for j in jobs for r in j.rows]
+        self.stats.update(rows=self.stats["rows"] + len(rows), admissions=self.stats["admissions"] + 1,
+                          running_rows=self.stats["running_rows"] + len(rows))
+        g, tok = self.g, self.g.tokenizer
+        try:
+            ids, mask = left_pad([r.tokens.base for r in rows], tok.pad_token_id, g.base.device)
+            rule = build_rule(g, [(r.personalization, r.tokens) for r in rows], chunk=self.prefill_chunk)
+            top_p = [r.top_p for r in rows] if any(r.top_p < 1 for r in rows) else None
+            self.filling = Batch(g.base, ids, mask, rule, tags=rows, eos=self.eos, pad_token_id=tok.pad_token_id,
+                                 temperature=[r.temperature for r in rows], seeds=[r.seed for r in rows],
+                                 top_p=top_p, chunk=self.prefill_chunk)
+        except Exception:
+            self._fail_rows(rows, "prefill")
+
+    def _fill(self) -> None:
+        try:
+            if not self.filling.fill():
+                return
+            if self.running is None:
+                self.running = self.filling
+            else:
+                self.running.merge(self.filling)
+            self.filling = None
+        except Exception:
+            self._fail(self.filling, "prefill")
+            self.filling = None
+
+    def _step(self) -> None:
+        batch = self.running
+        try:
+            tokens = batch.pick()
+            keep = [not self._take(row, t) for row, t in zip(batch.tags, tokens.tolist(), strict=True)]
+            self.stats.update(steps=self.stats["steps"] + 1, row_steps=self.stats["row_steps"] + batch.rows,
+                              max_batch_rows=max(self.stats["max_batch_rows"], batch.rows))
+            if any(keep):
+                batch.advance(tokens, torch.tensor(keep))
+            else:
+                self.running = None
+        except Exception:
+            self._fail(batch, "step")
+            self.running = None
+
+    def _fail(self, batch: Batch, where: str) -> None:
+        self._fail_rows([r for r in batch.tags if r.finish_reason is None], where)
+
+    def _fail_rows(self, rows: list[Row], where: str) -> None:
+        """A bug or an out-of-memory: fail these rows' requests, keep serving the others."""
+        error_id = uuid.uuid4().hex[:12]  # the details stay in the log, under this id; clients get the id
+        if where != "the server is stopping":
+            log.exception("decode %s of %d rows failed (error id %s)", where, len(rows), error_id)
+            self.stats["failures"] += 1
+        live = [r for r in rows if r.finish_reason is None]
+        self.stats["running_rows"] -= len(live)
+        for row in live:
+            row.finish_reason = "error"
+        for job in {id(r.job): r.job for r in rows}.values():
+            job.emit("error", None, f"error id {error_id}; the details are in the server log")
+
+    def _take(self, row: Row, token: int) -> bool:
+        """Account one emitted token of a row; True when the row is finished now (it leaves the batch)."""
+        job = row.job
         if job.cancelled:
-            row.finish_reason = "cancelled"
             self.stats["cancelled_rows"] += 1
-            return True
+            return self._finish(row, "cancelled", decoded=True)
         if token in self.eos:
-            return self._finish(row, job, index, "stop")
+            return self._finish(row, "stop")
         row.ids.append(token)
         self.stats["completion_tokens"] += 1
         if row.stop or job.stream:
@@ -272,25 +389,33 @@ class Engine:
                       default=-1)
             if cut >= 0:
                 row.text = row.text[:cut]
-                return self._finish(row, job, index, "stop", decoded=True)
+                return self._finish(row, "stop", decoded=True)
             if job.stream:
                 hold = max((len(s) for s in row.stop), default=1) - 1  # a stop string may be starting
                 end = len(row.text) - hold
                 while end > row.sent and row.text[end - 1] == "\ufffd":  # an incomplete multi-byte character
                     end -= 1
                 if end > row.sent:
-                    job.emit("delta", index, row.text[row.sent:end])
+                    job.emit("delta", row.index, row.text[row.sent:end])
                     row.sent = end
         if len(row.ids) >= row.max_tokens:
-            return self._finish(row, job, index, "length", decoded=bool(row.stop or job.stream))
+            return self._finish(row, "length", decoded=bool(row.stop or job.stream))
         return False
 
-    def _finish(self, row: Row, job: Job, index: int, reason: str, decoded: bool = False) -> bool:
+    def _finish(self, row: Row, reason: str, decoded: bool = False) -> bool:
+        """The row's reply is final: its last delta, its finish event, and its job's end with its last row. The
+        stats settle first: a client may send its next request the moment it hears back."""
+        job = row.job
         if not decoded:
             row.text = self.g.tokenizer.decode(row.ids, skip_special_tokens=True)
         row.finish_reason = reason
-        if job.stream and len(row.text) > row.sent:
-            job.emit("delta", index, row.text[row.sent:])
-            row.sent = len(row.text)
-        job.emit("finish", index, reason)
+        job.left -= 1
+        self.stats["running_rows"] -= 1
+        if reason != "cancelled":
+            if job.stream and len(row.text) > row.sent:
+                job.emit("delta", row.index, row.text[row.sent:])
+                row.sent = len(row.text)
+            job.emit("finish", row.index, reason)
+        if job.left == 0:
+            job.emit("end", None, None)
         return True

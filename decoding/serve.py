@@ -25,18 +25,18 @@ echo the resolved personalization beside `usage`. Without `guides_dir`, `pad_gui
 and `drift_guide: base` with `drift_prompts` zero-shot Drift; a guide whose vocabulary is not the base's is
 refused at start-up in one line. Replies stop at every stop id of the model (`alignment.models.stop_ids`).
 
-This module has no generation logic: requests become rows of `decoding/scheduler.py`'s batches, which run
-`decoding.generate.decode_steps` with the rules of decoding/processors.py. Here: limits, profiles, routes; the
-wire format (request bodies, error objects, response bodies, stream chunks) is decoding/api.py. Every bad
-request is a 4xx with an OpenAI error object {"error": {"message", "type", "param", "code"}}: 400 invalid fields
-or limits, 401 a missing or wrong API key, 404 an unknown model, user or route, 408 a request past
-`request_timeout_s` or a head or body slower than `read_timeout_s`, 413 a body over `max_body_bytes`, 429 a full
-queue, 503 past `max_connections`; a 500 names an error id whose details are in the server log only (the socket-
-and framing-level defences are decoding/http_limits.py). A profile's pair fit runs in chunks between decode
-batches, within `max_fit_s`. Binds 127.0.0.1 unless `host` says otherwise; another host needs an API key, from
-$PERSONA_API_KEY or `api_key_file` (never the command line, so it reaches no file of the run and no `ps`), or
-`allow_unauthenticated=true`. SIGTERM drains in-flight requests (at most `request_timeout_s`), closes the run and
-exits 0. Profiles (users.sqlite) are owner-only.
+No generation logic here: requests become rows that join and leave `decoding/scheduler.py`'s running batch at every
+step (continuous batching, guides included). Here: limits, profiles, routes; the wire format (request bodies, error
+objects, response bodies, stream chunks) is decoding/api.py. Every bad request is a 4xx with an OpenAI error object
+{"error": {"message", "type", "param", "code"}}: 400 invalid fields or limits, 401 a missing or wrong API key, 404
+an unknown model, user or route, 408 a request past `request_timeout_s` or one (head and body) slower than
+`read_timeout_s`, 413 a body over `max_body_bytes`, 429 a full queue, 503 past `max_connections`; a 500 names an
+error id whose details are in the server log only (the socket- and framing-level defences are
+decoding/http_limits.py). A profile's pair fit runs in chunks between decode steps, within `max_fit_s`. Binds
+127.0.0.1 unless `host` says otherwise; another host needs an API key, from $PERSONA_API_KEY or `api_key_file`
+(never the command line, so it reaches no file of the run and no `ps`), or `allow_unauthenticated=true`. SIGTERM
+drains in-flight requests (at most `request_timeout_s`), closes the run and exits 0. Profiles (users.sqlite) are
+owner-only.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures (local names) at definition time.
@@ -107,22 +107,26 @@ class ServeConfig:
     pad_top_k: int = 10  # PAD's support: the base's top-k tokens
     args_top_k: int = 10  # ARGS's candidates: the base's top-k tokens
     db: str = "runs/serve/users.sqlite"  # user profiles (SQLite, WAL); kept across restarts
-    max_batch_size: int = 32  # rows (choices) decoded together; a request's prompts x n must fit
-    max_queue: int = 256  # requests waiting for a batch; one more gets 429
-    batch_wait_ms: float = 20.0  # a batch waiting for the recent demand starts after this long without arrivals
+    max_batch_size: int = 32  # rows (choices) decoding together at most; a request's prompts x n must fit
+    max_batch_tokens: int = 65536  # rows x (longest prompt + max_tokens) the running batch may hold
+    prefill_chunk_tokens: int = 512  # rows x tokens of a joining prompt prefilled between two decode steps
+    max_queue: int = 256  # requests waiting to join the batch; one more gets 429
     request_timeout_s: float = 120.0  # from arrival to last token; past it: 408 (a stream ends with an error event)
     max_prompt_tokens: int = 1024  # per prompt, as the base or a guide reads it
     max_tokens: int = 512  # the largest max_tokens a request may ask for
     default_max_tokens: int = 64  # when a request gives none
     max_pairs: int = 500  # labelled pairs per profile
     max_body_bytes: int = 2_000_000
-    read_timeout_s: float = 10.0  # a request's head, and then its body, must arrive within this; else 408 or a close
-    max_connections: int = 512  # open connections; a request beyond them gets 503
+    read_timeout_s: float = 10.0  # a request, head and body, must arrive within this of its first byte; else 408
+    write_timeout_s: float = 30.0  # a client that reads none of its response for this long is disconnected
+    max_connections: int = 512  # open sockets; one beyond them gets 503 and is closed
     max_fit_s: float = 60.0  # model time a profile's pair fit may take; a longer one is refused (400)
 
     REMOVED: ClassVar[dict[str, str]] = {
         "api_key": f"a key given on the command line shows in ps and in the run's files: set the {API_KEY_ENV} "
-                   "environment variable, or api_key_file=<a file holding the key>"}
+                   "environment variable, or api_key_file=<a file holding the key>",
+        "batch_wait_ms": "requests join the running batch at every step (continuous batching): there is no batch "
+                         "to wait for; max_batch_size and max_batch_tokens bound the batch"}
 
 
 # --- the server's state -------------------------------------------------------------------------------------------
@@ -166,8 +170,8 @@ def load_server(cfg: ServeConfig) -> Server:
     guidance = Guidance(tokenizer, base, guides, drift, cfg.drift_guide,
                         {"pad": s.pad, "drift": s.drift, "genarm": s.genarm, "args": s.args},
                         cfg.pad_top_k, cfg.args_top_k, cfg.guides_dir, pad_guide=cfg.pad_guide)
-    engine = Engine(guidance, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
-                    batch_wait_s=cfg.batch_wait_ms / 1000, eos_ids=stop_ids(base, tokenizer))
+    engine = Engine(guidance, max_batch_size=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens,
+                    max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk_tokens, eos_ids=stop_ids(base, tokenizer))
     name = cfg.model_name or ("persona-world-sft" if cfg.policy is None
                               else cfg.policy if is_source(cfg.policy) else Path(policy.rstrip("/")).name)
     log.info("methods served: %s", ", ".join(guidance.served()))
@@ -252,6 +256,10 @@ def make_rows(server: Server, body: Sampling, prompts: list, max_tokens: int) ->
         if server.context is not None and longest + max_tokens > server.context:
             raise APIError(400, f"{longest} prompt tokens + max_tokens {max_tokens} exceed the model's context of "
                            f"{server.context} tokens", "max_tokens", "context_length_exceeded")
+        if len(prompts) * n * (longest + max_tokens) > cfg.max_batch_tokens:
+            raise APIError(400, f"{len(prompts) * n} choices x ({longest} prompt tokens + max_tokens {max_tokens}) "
+                           f"exceed the server's max_batch_tokens {cfg.max_batch_tokens}", "max_tokens",
+                           "context_length_exceeded")
         for _ in range(n):
             rows.append(Row(resolved, tokens, max_tokens, 1.0 if body.temperature is None else body.temperature,
                             1.0 if body.top_p is None else body.top_p, (seed + len(rows)) % (UINT64_MAX + 1), stop))
@@ -391,12 +399,12 @@ def profile_change(server: Server, body: ProfileBody) -> dict:
     return given
 
 
-FIT_CHUNK_PAIRS = 8  # pairs scored per turn on the worker: 2 (1 + m) 8 sequences, so a decode batch waits for so few
+FIT_CHUNK_PAIRS = 8  # pairs scored per turn on the worker: 2 (1 + m) 8 sequences, so a decode step waits for so few
 
 
 def fit_pairs(server: Server, pairs: list[dict]) -> dict[str, float]:
     """Drift weights from labelled pairs, as decoding.personalization.fit_profile_weights, but scored in chunks on
-    the batcher's worker between its batches (decoding waits for one chunk at most, not the whole fit), and
+    the batcher's worker between its steps (decoding waits for one chunk at most, not the whole fit), and
     refused (400 fit_too_long) as soon as the chunks' model time projects past `max_fit_s`."""
     import numpy as np
 
@@ -413,7 +421,7 @@ def fit_pairs(server: Server, pairs: list[dict]) -> dict[str, float]:
 
     spent, deltas = 0.0, []
     for s in range(0, len(rows), FIT_CHUNK_PAIRS):
-        seconds, delta = server.engine.between_batches(lambda s=s: score(rows[s:s + FIT_CHUNK_PAIRS]))
+        seconds, delta = server.engine.between_steps(lambda s=s: score(rows[s:s + FIT_CHUNK_PAIRS]))
         spent += seconds
         deltas.append(delta)
         done = s + len(delta)
@@ -539,7 +547,7 @@ def main(cfg: ServeConfig) -> Path:
 
     from alignment.runs import Run
 
-    for key in ("request_timeout_s", "read_timeout_s", "max_fit_s", "max_connections"):
+    for key in ("request_timeout_s", "read_timeout_s", "write_timeout_s", "max_fit_s", "max_connections"):
         if not math.isfinite(getattr(cfg, key)) or getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}: expected a positive number, got {getattr(cfg, key)}")
     api_key = read_api_key(cfg)
@@ -559,8 +567,8 @@ def main(cfg: ServeConfig) -> Path:
         signal.signal(sig, lambda signum, frame: log.info("%s: the server drained; closing the run",
                                                           signal.Signals(signum).name))
     uvicorn.run(build_app(server), host=cfg.host, port=cfg.port, log_level="warning",
-                timeout_graceful_shutdown=math.ceil(cfg.request_timeout_s), http=guarded_h11(cfg.read_timeout_s),
-                limit_concurrency=cfg.max_connections)
+                timeout_graceful_shutdown=math.ceil(cfg.request_timeout_s),
+                http=guarded_h11(cfg.read_timeout_s, cfg.write_timeout_s), limit_concurrency=cfg.max_connections)
     run.finish({"engine": server.engine.health()})
     server.profiles.close()
     return run.dir

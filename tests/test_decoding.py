@@ -3,8 +3,9 @@
 Parity (research/decoding.md §7.6): zero guidance = transformers' greedy `generate`; a guide's cached logits = a
 full recompute; a batch of users with different preferences = each user alone; masked candidate scoring = k
 separate forwards. Worked numbers: PAD's top-k identity and a hand-computed step; the sparse Drift fit. Behaviour:
-banned tokens stay banned, no NaN; Drift's closed form recovers planted weights; the Gumbel sampler samples
-softmax(s / T). Tiny random Llamas on the 47-token test vocabulary, fp32, CPU; ~10 s in all.
+banned tokens stay banned, no NaN; Drift's closed form recovers planted weights; the sampler samples softmax(s / T)
+from splitmix64 uniforms (checked against a pure-Python splitmix64). Tiny random Llamas on the 47-token test
+vocabulary, fp32, CPU; ~10 s in all.
 """
 
 import copy
@@ -17,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from decoding import combiners
 from decoding.drift import centred_cosines, fit_weights
-from decoding.generate import generate, pick_tokens, row_generators
+from decoding.generate import generate, pick_tokens, seed_tensor, uniforms
 from decoding.guides import CachedSequenceReward, Guide, RecomputeReward, classifier_reward, left_pad, positions
 from decoding.processors import RuleProcessor, args_rule, drift_rows, drift_rule, genarm_rule, pad_rule
 
@@ -299,15 +300,35 @@ def test_rule_processor_refuses_a_second_generate_call(models):
 
 
 # --- sampling -------------------------------------------------------------------------------------------------------
-def test_gumbel_sampler_samples_softmax_of_scores_over_temperature():
+def test_sampler_samples_softmax_of_scores_over_temperature():
     scores = torch.tensor([[2.0, 1.0, 0.0, float("-inf")]])
     T, n = 0.7, 20000
-    gens = row_generators([0])
-    counts = torch.bincount(torch.cat([pick_tokens(scores, T, gens) for _ in range(n)]), minlength=4).float()
+    noise = uniforms(seed_tensor([0] * n), torch.arange(n))  # one row's first n steps
+    counts = torch.bincount(pick_tokens(scores.expand(n, 4), T, noise), minlength=4).float()
     expected = torch.softmax(scores / T, -1)[0] * n
     assert counts[3] == 0
     chi2 = (((counts[:3] - expected[:3]) ** 2) / expected[:3]).sum()
     assert chi2 < 13.8  # chi-square, 2 degrees of freedom, p = 0.001
+
+
+def splitmix64(seed: int, n: int) -> int:
+    """Output n (0-based) of splitmix64 (Steele, Lea, Flood 2014), in Python's exact integers."""
+    z = (seed + (n + 1) * 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
+
+
+def test_uniforms_are_splitmix64_outputs_and_uniform():
+    seeds = [0, 1, 2**63 + 5, 2**64 - 1, -3, 12345]
+    counters = [0, 7, 3, 1, 2, 10**9]
+    got = uniforms(seed_tensor(seeds), torch.tensor(counters))
+    expected = [((splitmix64(s % 2**64, c) >> 11) + 0.5) / 2**53 for s, c in zip(seeds, counters, strict=True)]
+    assert got.tolist() == expected
+    u = uniforms(seed_tensor(list(range(40000))), torch.zeros(40000, dtype=torch.long))  # neighbouring seeds
+    counts = torch.bincount((u * 20).long(), minlength=20).float()
+    assert ((counts - 2000) ** 2 / 2000).sum() < 43.8  # chi-square, 19 degrees of freedom, p = 0.001
+    assert (u > 0).all() and (u < 1).all()
 
 
 # --- Drift fitting --------------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """The decode API against hostile clients, over real sockets to a real `python -m decoding.serve` on loopback: slow
-sockets (silent, headers one byte at a time, a body shorter than its Content-Length) closed within the read
-timeout while normal clients are served, body framing edge cases, ~50 malformed requests, the connection limit,
-and a short load. Every refusal must be an OpenAI error object, no response a 5xx, no body a stack trace.
+sockets (silent, headers one byte at a time, a body shorter than its Content-Length, a head and then a body each
+just inside the read timeout) closed within the read timeout while normal clients are served, a client that never
+reads its stream, body framing edge cases, ~50 malformed requests, the connection limit (on requests and on
+accepted sockets), and a short load. Every refusal must be an OpenAI error object, no response a 5xx, no body a
+stack trace.
 
-The server runs with read_timeout_s=2 and max_connections=24; every socket here has a client-side timeout, so the
-module stops by itself (about 30 s).
+The server runs with read_timeout_s=2, write_timeout_s=2 and max_connections=24; every socket here has a
+client-side timeout, so the module stops by itself (about 50 s).
 """
 
 import json
@@ -19,6 +21,7 @@ import pytest
 from tests.test_serve import ERROR_KEYS, MODEL, Process, write_artifacts
 
 READ_TIMEOUT_S = 2.0
+WRITE_TIMEOUT_S = 2.0
 MAX_CONNECTIONS = 24
 COMPLETION = json.dumps({"model": MODEL, "prompt": "i live in", "max_tokens": 2, "temperature": 0}).encode()
 
@@ -27,7 +30,7 @@ COMPLETION = json.dumps({"model": MODEL, "prompt": "i live in", "max_tokens": 2,
 def hostile(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     p = Process(write_artifacts(root / "models"), root, read_timeout_s=READ_TIMEOUT_S,
-                max_connections=MAX_CONNECTIONS).start()
+                write_timeout_s=WRITE_TIMEOUT_S, max_connections=MAX_CONNECTIONS).start()
     p.port = int(p.url.rsplit(":", 1)[1])
     yield p
     if p.proc.poll() is None:
@@ -138,6 +141,59 @@ def test_slow_sockets_are_closed_within_the_read_timeout_while_normal_clients_ar
     assert httpx.get(f"{hostile.url}/health", timeout=5).status_code == 200
 
 
+def drip(sock: socket.socket, data: bytes, seconds: float, pieces: int = 20) -> bool:
+    """Send `data` in `pieces` spread over `seconds`; False as soon as the server has answered or closed."""
+    step = max(1, len(data) // pieces)
+    for i in range(0, len(data), step):
+        if select.select([sock], [], [], seconds / pieces)[0]:
+            return False
+        sock.sendall(data[i:i + step])
+    return True
+
+
+def test_head_and_body_share_one_read_deadline(hostile):
+    """A head and then a body, each arriving within the read timeout but not both: 408 at the one deadline."""
+    start = time.monotonic()
+    with connect(hostile.port) as s:
+        head = post("/v1/completions", b"", f"content-length: {len(COMPLETION)}")
+        if drip(s, head, 0.6 * READ_TIMEOUT_S):
+            drip(s, COMPLETION, 0.6 * READ_TIMEOUT_S)
+        data, _ = read_until_closed(s, 10, answered=True)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), data[:200]
+    assert set(json.loads(body)["error"]) == ERROR_KEYS
+    assert time.monotonic() - start < READ_TIMEOUT_S + 1.0  # not a deadline for the head and another for the body
+
+
+def test_a_client_that_never_reads_its_stream_is_disconnected(hostile):
+    """Two pipelined streams of 32 choices x 480 tokens (~6 MB of events, past the 4 MB a socket's send buffer may
+    grow to) to a socket that reads nothing: the server's writes stall, and past write_timeout_s it drops the
+    connection (and its rows) instead of holding it until the client reads (then both streams would end)."""
+    def stream(*headers: str) -> bytes:
+        body = json.dumps({"model": MODEL, "prompt": "i live in", "max_tokens": 480, "n": 32, "temperature": 0,
+                           "stream": True}).encode()
+        return post("/v1/completions", body, f"content-length: {len(body)}", *headers)
+
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(5)
+    s.connect(("127.0.0.1", hostile.port))
+    with s:
+        s.sendall(stream() + stream("connection: close"))
+        idle_since, end = None, time.monotonic() + 90
+        while time.monotonic() < end:  # until the engine has been idle for write_timeout_s and then some
+            engine = hostile.health()
+            busy = engine["running_rows"] or engine["queued"]
+            idle_since = None if busy else idle_since or time.monotonic()
+            if idle_since and time.monotonic() - idle_since > WRITE_TIMEOUT_S + 2:
+                break
+            time.sleep(0.2)
+        data, _ = read_until_closed(s, 60)
+    ended = data.count(b"data: [DONE]")  # 2 (6 MB read) when the server waits for the reader instead
+    assert data.startswith(b"HTTP/1.1 200") and ended < 2, (len(data), ended)
+    assert httpx.get(f"{hostile.url}/health", timeout=5).status_code == 200
+
+
 # --- body framing -------------------------------------------------------------------------------------------------
 def chunked(body: bytes, size: int = 4096) -> bytes:
     parts = [b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size]) for i in range(0, len(body), size)]
@@ -224,6 +280,21 @@ def test_connections_past_the_limit_get_503_error_objects_until_the_idle_ones_ar
                       headers={"content-type": "application/json"}).status_code == 200
 
 
+def test_a_socket_past_the_connection_limit_is_refused_as_it_is_accepted(hostile):
+    """The limit counts sockets, not only requests: one more idle socket gets a 503 at once, not a silent slot."""
+    idle = [connect(hostile.port) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.2)
+        with connect(hostile.port) as extra:
+            data, seconds = read_until_closed(extra, 10)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), data[:200]
+        assert set(json.loads(body)["error"]) == ERROR_KEYS and seconds < READ_TIMEOUT_S / 2
+    finally:
+        for s in idle:
+            s.close()
+
+
 def test_a_short_load_loses_nothing(hostile):
     def client(i: int) -> list[int]:
         with httpx.Client(base_url=hostile.url, timeout=30) as c:
@@ -234,4 +305,4 @@ def test_a_short_load_loses_nothing(hostile):
     with ThreadPoolExecutor(16) as pool:
         tokens = list(pool.map(client, range(16)))
     assert tokens == [[4, 4, 4]] * 16
-    assert hostile.health()["failed_batches"] == 0
+    assert hostile.health()["failures"] == 0
