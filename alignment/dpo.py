@@ -23,12 +23,8 @@ NeurIPS 2024; research/apc_fspo.md §1.4, §3.2):
 Differences from the official code: N >= 4 samples ranked best-vs-worst instead of 2; batched, cached APC; the
 reference log-probs are computed once before training (the reference is the frozen starting policy); held-out
 queries, a separate evaluator and bootstrap intervals. On a fresh machine the world, the SFT policy and the
-discriminators are built once and cached under runs/cache/. Measured on a fresh clone, idle 2-core CPU: 14 min 58 s
-end to end (world 8 s, SFT 4.6 min, discriminators 8.0 min with NLI 144 s for the reward set and 2 x ~145 s for the
-evaluator set's two seed tries, pairs for 1000 queries x 4 samples 1.4 min, DPO and evaluation 0.8 min), 2 min 24 s
-with the prerequisites cached, the same table both times (RAG+APC-DPO - RAG oracle ΔAPC 0.080 [0.008, 0.152]; world
-seed 1: 0.099 [0.032, 0.162]). Another machine of the same kind (2026-12-03) gives another table from the same code
-(0.198 [0.114, 0.283], for this commit's parent and for it alike): CPU numerics differ between machines.
+discriminators are built once and cached under runs/cache/; every run ends by printing where its time went (stage,
+seconds; results.json `timings`). Measured times and tables: README and docs/experiments/main_job.md.
 `reward=oracle` ranks the pairs by the world's true ΔAPC instead: the ceiling any discriminators can reach, and the
 way to tell a failed run's reward from its optimizer.
 Files: pairs.jsonl (records.PreferencePair, APC scores as rewards), ref_logps.safetensors, ckpt/, metrics.jsonl,
@@ -87,16 +83,20 @@ class DPOConfig:
 
 
 # --- setup: prerequisites ---------------------------------------------------------------------------------------
-def prerequisites(cfg: DPOConfig) -> tuple[Path, Path, Path]:
-    """(world dir, policy dir, discriminators dir), building and caching whatever is missing."""
+def prerequisites(cfg: DPOConfig, run=None) -> tuple[Path, Path, Path]:
+    """(world dir, policy dir, discriminators dir), building and caching whatever is missing; each is a stage of
+    `run`'s timings when a run is given."""
     from dataclasses import replace
 
+    from alignment.runs import timed
     from alignment.sft import starting_policy
     from alignment.world import world_artifact
     from rewards.discriminators import discriminators_artifact
 
-    world = world_artifact(cfg.world, cfg.runs_dir)
-    policy = starting_policy(cfg.policy, cfg.sft, cfg.world, cfg.runs_dir)
+    with timed(run, "world"):
+        world = world_artifact(cfg.world, cfg.runs_dir)
+    with timed(run, "sft"):
+        policy = starting_policy(cfg.policy, cfg.sft, cfg.world, cfg.runs_dir)
     if cfg.policy and not cfg.discriminators:
         from alignment.models import load_tokenizer, same_vocabulary
 
@@ -105,8 +105,9 @@ def prerequisites(cfg: DPOConfig) -> tuple[Path, Path, Path]:
             raise ConfigError(f"policy {cfg.policy}: not a persona-world policy (another vocabulary); APC-DPO's "
                               "pairs, discriminators and table are world-bound. For DPO on real-format pairs use "
                               "pairs.adapter/pairs.source (configs/real/dpo.yaml)")
-    discs = Path(cfg.discriminators) if cfg.discriminators else discriminators_artifact(  # from the same policy
-        replace(cfg.disc, world=cfg.world, runs_dir=cfg.runs_dir, policy=cfg.disc.policy or str(policy)))
+    with timed(run, "discriminators"):
+        discs = Path(cfg.discriminators) if cfg.discriminators else discriminators_artifact(  # from the same policy
+            replace(cfg.disc, world=cfg.world, runs_dir=cfg.runs_dir, policy=cfg.disc.policy or str(policy)))
     return world, policy, discs
 
 
@@ -139,19 +140,22 @@ def select_queries(world: dict, characters: str, split: str, n: int, seed: int, 
 
 
 # --- pairs ------------------------------------------------------------------------------------------------------
-def build_pairs(cfg: DPOConfig, world: dict, policy, tokenizer, scorer, judge, chunk: int = 100) -> list[dict]:
+def build_pairs(cfg: DPOConfig, world: dict, policy, tokenizer, scorer, judge, run=None,
+                chunk: int = 100) -> list[dict]:
     """Sample N responses per training query (RAG prompts by `scorer`'s relevance), score them with `judge`'s APC,
-    keep best-vs-worst above the margin."""
+    keep best-vs-worst above the margin; `run` times the two as stages "sampling" and "apc"."""
     from tqdm.auto import tqdm
 
     from alignment.evaluate import world_apc_request
     from alignment.losses import apc_pair_weights
+    from alignment.runs import timed
     from alignment.sampling import sample_responses
 
     queries = select_queries(world, cfg.characters, "train", cfg.train_queries, cfg.seed, with_off_topic=True)
-    prompts = [p["rag"] for p in persona_prompts(queries, scorer, cfg.rag_k)]
-    samples = sample_responses(policy, tokenizer, prompts, n=cfg.samples, temperature=cfg.temperature,
-                               max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    with timed(run, "sampling"):
+        prompts = [p["rag"] for p in persona_prompts(queries, scorer, cfg.rag_k)]
+        samples = sample_responses(policy, tokenizer, prompts, n=cfg.samples, temperature=cfg.temperature,
+                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     # Identical samples carry no preference; queries with fewer than two distinct ones are skipped.
     kept = [(q, c, prompt, unique) for (q, c), prompt, responses in zip(queries, prompts, samples, strict=True)
             if len(unique := list(dict.fromkeys(responses))) >= 2]
@@ -159,10 +163,11 @@ def build_pairs(cfg: DPOConfig, world: dict, policy, tokenizer, scorer, judge, c
     # Chunks of queries, each one batched pass per classifier: 76 s instead of 105 s query by query (1000 queries,
     # ~150k statement-response pairs, 2-core CPU); the chunks only give the progress bar its steps.
     scores, bar = [], tqdm(total=len(requests), desc="apc", unit="query")
-    for i in range(0, len(requests), chunk):
-        part = requests[i:i + chunk]
-        scores += judge.score_many(part)
-        bar.update(len(part))
+    with timed(run, "apc"):
+        for i in range(0, len(requests), chunk):
+            part = requests[i:i + chunk]
+            scores += judge.score_many(part)
+            bar.update(len(part))
     bar.close()
     pairs = []
     for (q, c, prompt, unique), s in zip(kept, scores, strict=True):
@@ -254,7 +259,7 @@ def main(cfg: DPOConfig) -> Path:
     seed_everything(cfg.seed)
     if cfg.pairs is not None:
         return main_pairs(cfg, run)
-    world_dir, policy_dir, disc_dir = prerequisites(cfg)
+    world_dir, policy_dir, disc_dir = prerequisites(cfg, run)
     for key, path in (("world", world_dir), ("policy", policy_dir), ("discriminators", disc_dir)):
         run.add_meta(key, str(path))
     world = load_world(world_dir)
@@ -267,20 +272,24 @@ def main(cfg: DPOConfig) -> Path:
         from alignment.oracle import OracleAPCScorer
 
         judge = OracleAPCScorer() if cfg.reward == "oracle" else reward_scorer
-        pairs = build_pairs(cfg, world, base, tokenizer, reward_scorer, judge)
+        pairs = build_pairs(cfg, world, base, tokenizer, reward_scorer, judge, run)
         if not pairs:
             raise RuntimeError("no training pair cleared the margin; lower `margin` or raise `samples`")
         write_jsonl(run.path("pairs.jsonl"), [PreferencePair(**p) for p in pairs])
     pairs = [p.to_dict() for p in read_jsonl(run.path("pairs.jsonl"), PreferencePair)]
-    policy = train(cfg, run, base, tokenizer, pairs)
+    with run.stage("dpo"):  # reference log-probs, then training
+        policy = train(cfg, run, base, tokenizer, pairs)
 
     # --- evaluation: the APC table on held-out queries
-    results = evaluate(cfg, world, base, policy, tokenizer, reward_scorer, evaluator, run)
+    with run.stage("evaluation"):
+        results = evaluate(cfg, world, base, policy, tokenizer, reward_scorer, evaluator, run)
     gaps = [p["chosen_reward"] - p["rejected_reward"] for p in pairs]
     results["pairs"] = {"count": len(pairs), "mean_apc_gap": torch.tensor(gaps).mean().item()}
+    results["timings"] = {"seconds": run.timings, "resumed": run.resumed}  # this invocation's stages
     table = format_apc_table(results)
     atomic_write_text(run.path("results.md"), table + "\n")
     print(table)
+    print(run.timings_line() + (" (a resumed run: only what this invocation did)" if run.resumed else ""))
     run.finish(results)
     return run.dir
 

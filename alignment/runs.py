@@ -45,6 +45,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -151,6 +152,11 @@ def atomic_replace_dir(src: Path, dst: Path) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Run metadata
+
+
+def timed(run: Run | None, name: str):
+    """`run.stage(name)`, or a block that times nothing when there is no run (library calls, tests)."""
+    return run.stage(name) if run is not None else contextlib.nullcontext()
 
 
 class RunExistsError(FileExistsError):
@@ -296,6 +302,7 @@ class Run:
     def __init__(self, directory: Path, cfg: Any, meta: dict[str, Any], resumed: bool):
         self.dir, self.cfg, self.meta, self.resumed = Path(directory), cfg, meta, resumed
         self.name = self.dir.name
+        self.timings: dict[str, float] = {}  # stage -> wall seconds in this invocation (`stage`)
 
     def __repr__(self) -> str:
         return f"Run({str(self.dir)!r}{', resumed' if self.resumed else ''})"
@@ -373,6 +380,20 @@ class Run:
         value = compute()
         atomic_write_bytes(path, save({"value": value.contiguous()}, metadata={"fingerprint": stamp}))
         return value
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Time a block as stage `name` (wall seconds, added up over repeated entries) into `self.timings`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def timings_line(self) -> str:
+        """'time: world 7s, sft 276s, ...; total 900s' for the stages timed so far."""
+        parts = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in self.timings.items())
+        return f"time: {parts}; total {sum(self.timings.values()):.0f}s"
 
     def add_meta(self, key: str, value: Any) -> None:
         """Record e.g. an input hash under meta.json's `data` dict (rewritten atomically)."""

@@ -53,7 +53,7 @@ class SFTConfig:
     lr: float = 3e-3  # peak; linear warmup then cosine decay to 10%
     warmup: int = 100
     weight_decay: float = 0.0
-    max_length: int = 256  # longer examples are dropped (and counted)
+    max_length: int = 384  # longer examples are dropped (and counted); LCM prompts of 60 statements reach ~370
     checkpoint_every: int = 500
     log_every: int = 50
     eval_samples: int = 256  # held-out queries sampled at temperature 1 for the closing summary

@@ -30,6 +30,7 @@ import numpy as np
 
 from alignment import language as lang
 from alignment import people
+from alignment.config import ConfigError
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # Each message renders as "<|role|> content <|end|>"; the assistant turn ends in <|end|>, which is also EOS, so
@@ -57,6 +58,9 @@ class WorldSpec:
     target_pairs: int = 32  # per user on test queries
     dialogues: int = 20000
     persona_dialogues: float = 0.3  # share of dialogues whose system turn also states a user's preferences
+    # shares of dialogues whose system turn holds the RAG top-k statements, none (the APC table's Vanilla prompt)
+    # or all of the character's statements in persona order (its LCM prompt)
+    prompt_mix: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     # probabilities of a response that answers / contradicts / asserts another fact / is neutral chit-chat
     content_mix: list[float] = field(default_factory=lambda: [0.8, 0.08, 0.04, 0.08])
     style_p: float = 0.35  # probability of each attribute in an unconditioned response
@@ -151,21 +155,24 @@ def make_pairs(rng, cfg: WorldSpec, users, queries, characters) -> list[dict]:
 
 
 def make_dialogues(rng, cfg: WorldSpec, characters, queries, users) -> list[dict]:
-    """SFT corpus on train queries: a mix of styles; some system turns also state a user's preferences, and then
-    the response leans toward them (so preference prompting has something to work with)."""
+    """SFT corpus on train queries: a mix of styles and of the APC table's prompt shapes (`prompt_mix`: RAG, none,
+    all statements); some system turns also state a user's preferences, and then the response leans toward them
+    (so preference prompting has something to work with)."""
     by_id = {c["character_id"]: c for c in characters}
     train_q = [q for q in queries if q["split"] == "train"]
     train_users = [u for u in users if u["split"] == "train"]
     rows = []
-    for j in rng.choice(len(train_q), size=cfg.dialogues, replace=True):
+    shapes = rng.choice(3, size=cfg.dialogues, p=np.asarray(cfg.prompt_mix) / sum(cfg.prompt_mix))
+    for j, shape in zip(rng.choice(len(train_q), size=cfg.dialogues, replace=True), shapes, strict=True):
         q, c = train_q[j], by_id[train_q[j]["character_id"]]
-        system = rag_statements(rng, c["statements"], q["slot"], cfg.rag_k)
+        system = (rag_statements(rng, c["statements"], q["slot"], cfg.rag_k), "",
+                  " ".join(s["text"] for s in c["statements"]))[shape]
         style_p, persona = cfg.style_p, ""
         if rng.random() < cfg.persona_dialogues:
             persona = train_users[int(rng.integers(len(train_users)))]["persona"]
             stated = people.stated_preferences(persona)
             style_p = np.where(stated > 0, 0.85, np.where(stated < 0, 0.05, cfg.style_p))
-            system = f"{system} {persona}"
+            system = f"{system} {persona}".strip()
         facts = [(s["slot"], s["value"]) for s in c["statements"]]
         rows.append({"prompt": [{"role": "system", "content": system}, {"role": "user", "content": q["text"]}],
                      "response": sample_response(rng, facts, q["slot"], cfg, style_p), "query_id": q["query_id"],
@@ -295,6 +302,9 @@ def build_world(cfg: WorldSpec, out: Path) -> dict:
     import datasets
     from tqdm.auto import tqdm
 
+    mix = cfg.prompt_mix
+    if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
+        raise ConfigError(f"world.prompt_mix: need three shares >= 0 (RAG, none, all statements), got {list(mix)}")
     datasets.disable_progress_bars()  # one bar for the whole build, below
     rng = np.random.default_rng(cfg.seed)
     steps = tqdm(total=6, desc="world", unit="step")

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from rewards.apc import FORMATS, APCScorer
+from rewards.packed import Packed, flat
 
 CHARACTER = "ada"
 # A small world to draw statements, queries and responses from; ~10-word statements, 6-20-word responses.
@@ -61,8 +62,15 @@ def synthetic_persona(n_statements: int, n_responses: int, seed: int = 0) -> tup
     return statements, query, responses
 
 
-def word_tokenizer(texts: list[str]):
-    """A lowercase word-level tokenizer over `texts`, with BERT-style [CLS] ... [SEP] framing and [PAD] = 0."""
+# Shared part first, for packed reading (--format packed, Llama only): the query (relevance) or the response (NLI)
+# is the prefix, the statement the block.
+PACKED = (lambda character, s, q: Packed(f"{q} [SEP]", f" {s} [SEP]"),
+          lambda character, s, q, r: Packed(f"{r} [SEP]", f" {s} [SEP]"))
+
+
+def word_tokenizer(texts: list[str], framed: bool = True):
+    """A lowercase word-level tokenizer over `texts`, with BERT-style [CLS] ... [SEP] framing (unless `framed` is
+    False: packed inputs need a tokenizer that adds nothing around an input) and [PAD] = 0."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -71,8 +79,9 @@ def word_tokenizer(texts: list[str]):
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    if framed:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
                                    cls_token="[CLS]", sep_token="[SEP]")
 
@@ -104,6 +113,7 @@ def official_loop(scorer: APCScorer, statements: list[str], query: str, response
     rel, nli = scorer.relevance, scorer.nli  # same models, tokenizers and label order as the scorer
 
     def probs(disc, text):
+        text = flat(text)  # a Packed input is its whole text here
         args = text if isinstance(text, tuple) else (text,)  # a string or a (text, text_pair) format
         batch = disc.tokenizer(*args, return_tensors="pt", truncation=True, max_length=scorer.max_length)
         batch = {k: v.to(disc.model.device) for k, v in batch.items() if k in disc.accepts}
@@ -140,8 +150,11 @@ def world_persona(discriminators: str, n_responses: int, seed: int = 0) -> tuple
     return [s["text"] for s in character["statements"]], query["text"], responses, character["name"]
 
 
-def batched(scorer: APCScorer, statements: list[str], query: str, responses: list[str]) -> torch.Tensor:
+def batched(scorer: APCScorer, statements: list[str], query: str, responses: list[str],
+            packed: bool = False) -> torch.Tensor:
+    """V_APC by the scorer: one text per input in batches, or (packed) one sequence per shared prefix."""
     scorer.clear_cache()  # time the full work for a new query, not a cache hit
+    scorer.packed = packed
     return scorer.score(statements, query, responses, character=CHARACTER).v_apc
 
 
@@ -167,9 +180,10 @@ def work(fn, models) -> dict:
 
     def hook(module, args, kwargs):
         counts["forwards"] += 1
-        counts["tokens"] += kwargs["input_ids"].numel()
+        counts["tokens"] += (kwargs["input_ids"] if "input_ids" in kwargs else args[0]).numel()
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in models]
+    # On the classifiers' bodies: a packed forward calls the body and the score head, not the classifier.
+    handles = [getattr(m, m.base_model_prefix).register_forward_pre_hook(hook, with_kwargs=True) for m in models]
     fn()
     for h in handles:
         h.remove()
@@ -183,8 +197,9 @@ def main() -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--arch", choices=["bert", "llama"], default="bert")
-    parser.add_argument("--format", choices=list(FORMATS), default="apc",
-                        help="apc: the paper's templates (~65-120 tokens); pair: (statement, query + response)")
+    parser.add_argument("--format", choices=[*FORMATS, "packed"], default="apc",
+                        help="apc: the paper's templates (~65-120 tokens); pair: (statement, query + response); "
+                             "packed: query / response first, each statement a block (Llama only)")
     parser.add_argument("--discriminators", help="a discriminators run directory (rewards.train): its reward set, "
                         "world format and world data; --statements is then the character's own count")
     parser.add_argument("--relevance-model", help="directory of a real relevance classifier")
@@ -210,37 +225,47 @@ def main() -> dict:
         nli, nli_tok = load_classifier(args.nli_model, args.device)
         model_name = f"{args.relevance_model} + {args.nli_model}"
     else:
-        templates = [FORMATS["apc"][0](CHARACTER, "", ""), FORMATS["apc"][1](CHARACTER, "", "", "")]
-        rel_tok = nli_tok = word_tokenizer([*statements, query, *responses, *templates])
+        if args.format == "packed" and args.arch != "llama":
+            raise SystemExit("--format packed: needs --arch llama (an encoder reads no packed sequence)")
+        templates = [FORMATS["apc"][0](CHARACTER, "", ""), FORMATS["apc"][1](CHARACTER, "", "", ""), "[SEP]"]
+        rel_tok = nli_tok = word_tokenizer([*statements, query, *responses, *templates],
+                                           framed=args.format != "packed")
         rel = random_classifier(args.arch, len(rel_tok), ["no", "yes"], 0).to(args.device)
         nli = random_classifier(args.arch, len(rel_tok), ["contradicted", "neutral", "entailed"], 1).to(args.device)
         model_name = f"{args.arch} 4 layers x 256, random weights"
     if not args.discriminators:
         labels = [x.split(",") if x else None for x in (args.relevance_labels, args.nli_labels)]
+        formats = PACKED if args.format == "packed" else FORMATS[args.format]
         scorer = APCScorer(rel, rel_tok, nli, nli_tok, batch_size=args.batch_size, relevance_labels=labels[0],
-                           nli_labels=labels[1], relevance_text=FORMATS[args.format][0],
-                           nli_text=FORMATS[args.format][1])
+                           nli_labels=labels[1], relevance_text=formats[0], nli_text=formats[1])
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     fns = {"batched": lambda: batched(scorer, statements, query, responses),
            "loop": lambda: official_loop(scorer, statements, query, responses)}
+    packs = isinstance(scorer.nli_text(CHARACTER, "", "", ""), Packed) and scorer.nli.packable
+    if packs:  # the same scorer, reading every statement of a response (a query) in one sequence
+        fns["packed"] = lambda: batched(scorer, statements, query, responses, packed=True)
     # One counted run of each, which also warms up allocations and lazy inits outside the timings.
     counts = {name: work(fn, [rel, nli]) for name, fn in fns.items()}
     medians, outs = timed_pair(fns, args.repeats, sync)
     loop_s, batched_s, v_loop, v_batched = medians["loop"], medians["batched"], outs["loop"], outs["batched"]
 
-    max_abs_diff = (v_batched - v_loop).abs().max().item()
+    max_abs_diff = max((outs[name] - v_loop).abs().max().item() for name in fns)
     print(f"discriminators: {model_name}; {args.format} format; device {args.device}, {args.threads} threads")
     print(f"|S| = {args.statements} statements, N = {args.responses} responses, median of {args.repeats}")
     print(f"V_APC loop    {[round(v, 4) for v in v_loop.tolist()]}")
     print(f"V_APC batched {[round(v, 4) for v in v_batched.tolist()]}")
-    print(f"max |V_APC loop - batched| = {max_abs_diff:.2e}")
+    print(f"max |V_APC loop - {' / '.join(n for n in fns if n != 'loop')}| = {max_abs_diff:.2e}")
     if max_abs_diff > 1e-4:
         raise SystemExit(f"the scorers disagree by {max_abs_diff:.2e} > 1e-4; no speedup reported")
     print(f"loop     {loop_s:8.3f} s  ({counts['loop']['forwards']} forwards, {counts['loop']['tokens']} tokens)")
     print(f"batched  {batched_s:8.3f} s  ({counts['batched']['forwards']} forwards of up to {args.batch_size} inputs, "
           f"{counts['batched']['tokens']} tokens with padding)")
     print(f"speedup  {loop_s / batched_s:8.1f}x")
+    if packs:
+        packed_s = medians["packed"]
+        print(f"packed   {packed_s:8.3f} s  ({counts['packed']['forwards']} forwards, {counts['packed']['tokens']} "
+              f"tokens with padding): {loop_s / packed_s:.1f}x the loop, {batched_s / packed_s:.2f}x batched")
     figures = {"bench": "apc_score", "statements": args.statements, "responses": args.responses,
                "model": model_name, "format": args.format, "device": args.device, "threads": args.threads,
                "repeats": args.repeats,
@@ -248,6 +273,10 @@ def main() -> dict:
                "speedup": round(loop_s / batched_s, 2), "max_abs_diff": max_abs_diff,
                "loop_forwards": counts["loop"]["forwards"], "batched_forwards": counts["batched"]["forwards"],
                "loop_tokens": counts["loop"]["tokens"], "batched_tokens": counts["batched"]["tokens"]}
+    if packs:
+        figures |= {"packed_s": round(medians["packed"], 4), "packed_speedup": round(loop_s / medians["packed"], 2),
+                    "packed_vs_batched": round(batched_s / medians["packed"], 2),
+                    "packed_forwards": counts["packed"]["forwards"], "packed_tokens": counts["packed"]["tokens"]}
     print(json.dumps(figures))
     return figures
 

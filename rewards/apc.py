@@ -22,6 +22,9 @@ one unbatched forward per statement and recomputes relevance for every response 
     batches under torch.inference_mode();
   - label order is read from each model's config.id2label and checked, not assumed;
   - ΔAPC is implemented (the official repo has none), either as eq. 6 or against a real neutral response text;
+  - formats that put the shared part first (`rewards.packed.Packed`: the response for NLI, the query for
+    relevance) are read one sequence per response (query) by decoder classifiers, all S statements as blocks,
+    with the numbers of S separate forwards (R forwards instead of S * R; bench/apc_score.py --format packed);
   - inputs are capped at max_length tokens by trimming only the response, and trimmed pairs are flagged;
   - an optional pruned mode skips statements a bi-encoder finds far from the query (App. A suggests this).
     A pruned statement counts as irrelevant and not contradicted (P_rel = P_contra = 0): it adds exactly 1 to
@@ -41,6 +44,8 @@ from inspect import signature
 
 import torch
 from torch import Tensor, nn
+
+from rewards.packed import Packed, flat, pack, packable, packed_logits, tokenize_packed
 
 RELEVANCE_LABELS = ("no", "yes")
 NLI_LABELS = ("contradicted", "neutral", "entailed")
@@ -259,6 +264,8 @@ class Discriminator:
             # config.pad_token_id and refuse batches without one. That id must be the tokenizer's pad id, or a
             # padding position gets pooled; encoders (BERT, DeBERTa) pool [CLS] and do not care.
             raise ValueError(f"{what} model.config.pad_token_id is None; set it to tokenizer.pad_token_id")
+        self.what = what
+        self.packable = packable(model)  # a decoder classifier: Packed inputs can share one forward per prefix
         self.model = model.eval()  # from_config models start in train mode; dropout would make scores random
         self.tokenizer = tokenizer
         self.index = label_indices(model.config.id2label, expected, what, labels)
@@ -293,6 +300,29 @@ class Discriminator:
             logits = self.model(**{k: v.to(device) for k, v in batch.items()}).logits  # (B, C)
             out[rows] = logits.float().softmax(-1)[:, self.index].cpu()
         return out
+
+    @torch.inference_mode()
+    def packed_probs(self, items: Sequence[Packed], tokens_per_sequence: int = 160,
+                     tokens_per_forward: int = 8192) -> tuple[Tensor, Tensor]:
+        """Class probabilities (N, C) of prefix + block for each item, the blocks of a prefix in sequences of at
+        most `tokens_per_sequence` tokens (`packed_logits`; attention over a sequence grows with its square: 160 was
+        the fastest of 48-512 for the world's classifiers on a CPU, docs/experiments/apc_discriminators.md), and each
+        item's length in tokens (N,), prefix + block. The same numbers as classifying each prefix + block text on
+        its own (tests/test_apc.py), with each prefix computed once per sequence; sequences go in length-sorted
+        batches of about `tokens_per_forward` tokens."""
+        prefix_of, prefix_ids, block_ids = tokenize_packed(self.tokenizer, items, self.what)
+        lengths = torch.tensor([len(prefix_ids[k]) + len(b) for k, b in zip(prefix_of, block_ids, strict=True)],
+                               dtype=torch.long)
+        sequences = pack(range(len(items)), prefix_of, prefix_ids, block_ids, tokens_per_sequence)
+        out = torch.empty(len(items), len(self.index))
+        start = 0
+        while start < len(sequences):
+            width = len(sequences[start][0]) + sum(len(b) for _, b in sequences[start][1])  # longest first
+            rows = sequences[start:start + max(1, tokens_per_forward // width)]
+            start += len(rows)
+            logits, owners = packed_logits(self.model, rows, self.tokenizer.pad_token_id)
+            out[owners] = logits.float().softmax(-1)[:, self.index].cpu()
+        return out, lengths
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,6 +383,8 @@ class APCScorer:
         subtract V_APC of that actual response instead, scored by the same NLI model.
     max_length: token cap per input; NLI inputs over it lose the end of the response, not the template.
     pruner: a BiEncoderPruner; then only its top_m statements per query go through the classifiers.
+    packed: formats that return `Packed` inputs are read one forward per prefix (`Discriminator.packed_probs`) by
+        decoder classifiers; False (and any encoder) reads each prefix + block as one text, with the same numbers.
     """
 
     def __init__(self, relevance_model: nn.Module, relevance_tokenizer, nli_model: nn.Module, nli_tokenizer, *,
@@ -360,7 +392,7 @@ class APCScorer:
                  relevance_labels: Sequence[str] | None = None, nli_labels: Sequence[str] | None = None,
                  relevance_text: Callable = apc_relevance_text, nli_text: Callable = apc_nli_text,
                  neutral_response: str | None = None, max_length: int | None = 512,
-                 pruner: BiEncoderPruner | None = None):
+                 pruner: BiEncoderPruner | None = None, packed: bool = True):
         if device is not None:
             relevance_model, nli_model = relevance_model.to(device), nli_model.to(device)
         self.relevance = Discriminator(relevance_model, relevance_tokenizer, RELEVANCE_LABELS, "relevance",
@@ -368,6 +400,7 @@ class APCScorer:
         self.nli = Discriminator(nli_model, nli_tokenizer, NLI_LABELS, "nli", nli_labels, batch_size, max_length)
         self.relevance_text, self.nli_text = relevance_text, nli_text
         self.neutral_response, self.max_length, self.pruner = neutral_response, max_length, pruner
+        self.packed = packed
         self.clear_cache()
 
     def clear_cache(self) -> None:
@@ -420,20 +453,31 @@ class APCScorer:
     def _relevance(self, keys: list[tuple[str, str, str]]) -> dict[tuple, float]:
         """P(yes) for each (character, statement, query) key: cached, or from one batched pass over the rest."""
         found, missing = _lookup(self.relevance_cache, keys)
-        # Statement + query over max_length is out of the discriminators' range anyway; cut the tail.
-        encodings = self.relevance.encode([self.relevance_text(*k) for k in missing], truncate=True)
-        for key, p in zip(missing, self.relevance.probs(encodings)[:, 1].tolist(), strict=True):
+        texts = [self.relevance_text(*k) for k in missing]
+        if self.packed and self.relevance.packable and texts and isinstance(texts[0], Packed):
+            probs = self.relevance.packed_probs(texts)[0]  # positions stay within prefix + one block
+        else:  # statement + query over max_length is out of the discriminators' range anyway; cut the tail
+            probs = self.relevance.probs(self.relevance.encode([flat(t) for t in texts], truncate=True))
+        for key, p in zip(missing, probs[:, 1].tolist(), strict=True):
             found[key] = self.relevance_cache[key] = p
         return found
 
     def _nli(self, keys: list[tuple[str, str, str, str]]) -> dict[tuple, tuple[float, float, bool]]:
         """(P_ent, P_con, truncated) for each (character, statement, query, response) key, over-long ones trimmed."""
         found, missing = _lookup(self.nli_cache, keys)
-        encodings = self.nli.encode([self.nli_text(*k) for k in missing], truncate=False)
-        cut = [self.max_length is not None and len(e["input_ids"]) > self.max_length for e in encodings]
-        for i in [i for i, c in enumerate(cut) if c]:
-            encodings[i] = self._trimmed(missing[i], len(encodings[i]["input_ids"]) - self.max_length)
-        probs = self.nli.probs(encodings)  # (N, 3): contradicted, neutral, entailed
+        texts = [self.nli_text(*k) for k in missing]
+        if self.packed and self.nli.packable and texts and isinstance(texts[0], Packed):
+            probs, lengths = self.nli.packed_probs(texts)
+            cut = [self.max_length is not None and n > self.max_length for n in lengths.tolist()]
+            if over := [i for i, c in enumerate(cut) if c]:  # rare: those go one by one, response trimmed
+                trimmed = [self._trimmed(missing[i], lengths[i].item() - self.max_length) for i in over]
+                probs[over] = self.nli.probs(trimmed)
+        else:
+            encodings = self.nli.encode([flat(t) for t in texts], truncate=False)
+            cut = [self.max_length is not None and len(e["input_ids"]) > self.max_length for e in encodings]
+            for i in [i for i, c in enumerate(cut) if c]:
+                encodings[i] = self._trimmed(missing[i], len(encodings[i]["input_ids"]) - self.max_length)
+            probs = self.nli.probs(encodings)  # (N, 3): contradicted, neutral, entailed
         for key, (con, _, ent), c in zip(missing, probs.tolist(), cut, strict=True):
             found[key] = self.nli_cache[key] = (ent, con, c)
         return found
@@ -445,7 +489,7 @@ class APCScorer:
         ids = tok(response, add_special_tokens=False)["input_ids"]
         response = tok.decode(ids[:max(len(ids) - overflow, 0)], skip_special_tokens=True)
         # Re-tokenizing decoded text can shift a token or two; truncate=True still enforces the cap exactly.
-        return self.nli.encode([self.nli_text(character, statement, query, response)], truncate=True)[0]
+        return self.nli.encode([flat(self.nli_text(character, statement, query, response))], truncate=True)[0]
 
     def _assemble(self, request: APCRequest, kept: Tensor, rel: dict, nli: dict) -> APCScores:
         """Gather probabilities into tensors; pruned statements get P_rel = P_ent = P_con = 0."""

@@ -13,96 +13,24 @@ teacher: `language.relevant` labels relevance (the query asks about the statemen
 the parsed response labels NLI, and responses come from the world's own sampler (`people.sample_content`,
 `people.sample_style`), so the labels are exact and free.
 
-Initialization. The paper fine-tunes pretrained DeBERTa; relevance and NLI need a model that already reads the
-language and can match a value in the response against the one in the statement. The persona world's pretrained
-language model is its SFT policy (`alignment/sft.py`, trained from scratch on world dialogues with the world
-tokenizer): it has learned to copy a statement's value into its answer, which is exactly the comparison NLI needs.
-By default (`init=policy`) both classifiers start from it with a new classification head.
+Initialization (`init=policy`, the default): both classifiers start from the world's SFT policy with a new head.
+Relevance and NLI need a model that reads the language and can match a value in the response against the one in
+the statement; the SFT policy (`alignment/sft.py`) has learned to copy a statement's value into its answer.
 
-What the NLI classifier has to learn is a comparison: does the response assert the statement's slot, and with the
-same value? Five things made it learn that instead of shortcuts (`nli_triple`, `world_nli_text`, `batch_indices`):
-  - no query in the NLI input (a world response states its fact in full): with it, the classifier confused the
-    query's slot words with the response's and read ~8 of a character's ~30 statements as contradicted by an
-    ordinary answer (phantom passive penalties; the seed-0 reward then ranked pairs at chance);
-  - statements with any value of the slot, not only the characters' own: with only their facts, every value was
-    seen contradicted but few entailed, and the classifier memorized the agreeing value pairs (training loss 0.03,
-    holdout entailment recall 0.81);
-  - minimal triples in both directions: half fix the statement and vary the response, half fix the response and
-    vary the statement, so neither part alone predicts the label;
-  - the distribution APC scores joins the training data (`natural_train`: every statement of a character against
-    one of its responses, mostly neutral): balanced triples alone left ~1 neutral statement per response read as
-    contradicted (world seed 1), enough style-driven noise that APC-DPO lost to RAG; with them 0.1-0.6;
-  - batches of whole triples (18 triples and 10 `natural_train` examples in a batch of 64), not 64 random examples.
-    The value comparison is the hard part: a classifier that has only the slot comparison sits on a plateau that
-    reads every same-slot response as entailed, or as contradicted, by a coin that flipped from one validation check
-    to the next. In a random batch the three members of a triple almost never meet, so the plateau's guess gets a
-    gradient that swings with the batch's mix of labels; in a batch of whole triples the entailed and contradicted
-    members of each triple (identical but for the value) pull that guess in opposite directions and cancel, and
-    what is left of the gradient is their difference, the value. World-seed-1 reward set, seed 0, 1200 steps (an
-    experiment script, one batch per step): holdout recall contradicted/neutral/entailed 0.63/0.99/0.39 with random
-    batches, 0.91/0.99/0.94 with whole triples; on single-slot statements (validation, contradicted/entailed) from
-    chance, 0.46-0.52/0.53-0.64 in every random-batch variant below, to 0.85/0.87. Its evaluator set: 0.47/0.99/0.55
-    -> 0.92/0.99/0.92. Controls on the reward set: random batches with the same mix (54 triple members and 10
-    natural examples, at random) 0.76/1.00/0.77; whole triples with random batches' natural share (~39%, 13 triples
-    and 25 natural) 0.87/1.00/0.87, against 0.63/0.99/0.39 for random batches. The natural share trades recall for
-    phantoms: 0.09 neutral statements read as contradicted per response with 25 natural, 0.31 with 10 (the default,
-    `natural_batch_share`). Relevance batches are 32 whole pairs the same way. Each batch runs as `micro_batches`
-    length-sorted parts whose losses add up to the batch's mean: the same step, ~0.76x the time at 2 threads.
-Measured on holdout characters with the defaults (relevance 300 steps, NLI 1200 steps, lr 1e-3, batch 64), starting
-from the SFT policies of `alignment.sft`, in the main job (`alignment.dpo`, which builds them with these defaults):
-relevance recall no/yes >= 0.96 in all four sets of the two main-job worlds; NLI recall contradicted/neutral/entailed
-(world seed 0, reward set) 0.94/0.97/0.93 with 0.6 neutral statements read as contradicted per response, evaluator
-0.96/0.97/0.95 with 0.3 (seed 1 after seed 0's validation min recall 0.86; with random batches the two were
-0.94/0.99/0.98 with 0.1 and 0.90/0.99/0.95 after a second seed); world seed 1: reward 0.92/1.00/0.92, evaluator
-0.89/0.99/0.90 (seed 1 after seed 0's 0.88), 0.2 each (random batches: 0.81/1.00/0.74 and 0.77/1.00/0.77, each after
-a second seed).
+The NLI classifier has to learn a comparison (does the response assert the statement's slot, with the same
+value?); what made it learn that instead of shortcuts: no query in its input; statements with any value of the
+slot; minimal triples in both directions (`nli_triple`); the distribution APC scores in the training data
+(`natural_train`); batches of whole triples (`batch_indices`). Whether a try leaves the slot-only plateau still
+depends on the seed: `seed_tries`, `gate_step` and `gate_recall` (`train_best_of_seeds`). The measurements behind
+each choice and what did not work: docs/experiments/apc_discriminators.md.
 
-What did not work, before whole-triple batches (on sets stuck on the plateau; recall contradicted/neutral/entailed,
-and "phantoms", neutral statements read as contradicted per response, where they were above 0.1-0.2): length-grouped
-batches (1.7x faster per step, slower to learn: 0.84/0.98/0.89 at 1200 steps); lr 2e-3; 1500 or 2000 steps; AdamW
-weight decay 0.1 or 1.0; lr 3e-4 on the body; the head alone for the first 200 steps; the response as the system turn
-and the statement as the answer; the statement after the response, ending at its value (`<|assistant|> hey ! i live
-in rome ! <|system|> i live in lyon`: 0.72/0.94/0.76) or repeated there; two more decoder layers initialized as the
-identity (0.71/1.00/0.76); 3/4 of the triples about single slots; curricula that teach the value comparison first
-(entailed/contradicted batches falling to the mix, a value-only phase or model followed by the mix): they learn the
-value (0.97/0.97/0.99 on one set) but leave 0.7-3.9 phantoms or stay a lottery, and the mix undid a value-only model
-within 100 steps.
-The information was in the body all along: the world-seed-1 policy gives a single-slot value after its statement a
-log-probability of -1.4 when it agrees and -5.1 when it does not (91% of pairs ordered right). A ranking loss on the
-triple's entailed and contradicted members on top of whole-triple batches (softplus of the difference of their
-entailed-minus-contradicted logits, weight 1) learns the value faster still (world-seed-1 reward set 0.96/0.93/1.00)
-but reads 1.0 neutral statement per response as contradicted, so it is not used.
-
-Seed tries (`seed_tries`, `gate_step`, `gate_recall`; `train_best_of_seeds`). Whether a try leaves the plateau still
-depends on the training seed (head initialization and batch order; world-seed-1 reward set with whole triples: seed 0
-0.91/0.99/0.94, seed 1 0.82/0.99/0.73), so each classifier is trained from seed 0, then seed 1 unless the first
-reaches recall 0.9 on validation examples (fresh draws from the set's own characters; holdout characters are never
-looked at), and the better on validation is kept. A try whose mean validation recall over the classes is under 0.75
-at step 600 is abandoned there (with random batches a stuck try stood at 0.65-0.66 from step 500 to 700 and the tries
-that learned at 0.84-0.88; the lowest recall is no gate, it flips with the coin). A third seed never beat the second
-in the three sets where it ran (with random batches), so two is the default.
-
-Also tried and dropped: broken copies of responses as neutral examples (the oracle reads a non-sentence as asserting
-nothing), meant to stop the reward from choosing broken samples; it did not (19-33 broken chosen responses of ~830
-pairs, as before) and the reward then disagreed with the oracle on more pairs (world seed 0: 93 instead of 40 of
-~800). From random weights (`init=model`, 128-wide, 2 layers) relevance reaches 0.78/0.94 after 900 steps and NLI
-0.04/0.59/0.89 after 500 (earlier data and format).
-
-Differences from the paper:
-  - two sets on disjoint characters: `reward/` is trained on the characters with split == "reward" and is what
-    APC-DPO optimizes; `evaluator/` is trained on split == "evaluator" and is what reports ΔAPC, so the metric is
-    not the reward being optimized (the paper intends a separate evaluator but its script reuses one checkpoint);
-  - the training data are class-balanced apart from `natural_train` (the natural relevance rate is ~3%) and
-    carry hard negatives: statements of other slots and off-topic queries for relevance, responses that assert the
-    statement's slot with another value (contradicted) or another slot in the same template (neutral) for NLI;
-  - both classifiers of each set are measured on class-balanced examples from split == "holdout" characters,
-    never trained on: recall per class and accuracy in results.json (target: recall >= 0.9 for every class);
-    the NLI also on the distribution APC scores (`natural`: every holdout statement against one response, mostly
-    neutral), with the count of neutral statements read as contradicted per response, each a phantom passive
-    penalty. Balanced recall of 0.9 is not enough for a useful reward: at 0.58 natural neutral recall (seed-1
-    main job) ~8 statements per response were phantom contradictions and the reward ranked pairs at chance;
-  - inputs are one string in the world's chat markup (`world_relevance_text`, `world_nli_text`), the same
-    functions at training and at scoring time (`load_scorer`), not the paper's English template.
+Differences from the paper: two sets on disjoint characters, `reward/` (what APC-DPO optimizes) and `evaluator/`
+(what reports ΔAPC; the paper's script reuses one checkpoint); class-balanced training data with hard negatives,
+plus `natural_train`; recall per class measured on split == "holdout" characters never trained on (target >= 0.9
+for every class) and, for NLI, on the natural distribution with the phantom contradictions per response (neutral
+statements read as contradicted, each a passive penalty); inputs in the world's chat markup with the shared part
+first (`world_relevance_text`: query, then statement; `world_nli_text`: statement, then response), read packed
+(`rewards.packed`) at training and scoring time alike (`load_scorer`).
 
 Output: runs/<name>/{reward,evaluator}/{relevance,nli}/, each a Hugging Face classifier directory with its tokenizer
 and config.id2label in the order of RELEVANCE_LABELS / NLI_LABELS. `discriminators_artifact(cfg)` builds it once
@@ -122,6 +50,7 @@ from alignment.config import ConfigError, ModelConfig
 from alignment.language import NLI_LABELS, RELEVANCE_LABELS
 from alignment.sft import SFTConfig
 from alignment.world import WorldSpec
+from rewards.packed import Packed
 
 if TYPE_CHECKING:
     import torch
@@ -200,25 +129,30 @@ Config = DiscriminatorConfig  # the name `rewards.train` dispatches to
 # the parts for a causal classifier that reads the last token. The character name is not used: in the world the
 # name is itself a statement. Any tokenizer reads the same strings (a BERT one splits "<|user|>" into word pieces).
 
-def world_relevance_text(character: str, statement: str, query: str) -> str:
-    """'<|system|> i live in lyon . <|user|> where do you live ? <|end|>'."""
-    return f"<|system|> {statement} <|user|> {query} <|end|>"
+def world_relevance_text(character: str, statement: str, query: str) -> Packed:
+    """'<|user|> where do you live ? <|end|>' + ' <|system|> i live in lyon . <|end|>': the query is the prefix
+    that all of a character's statements share, so the scorer reads them all in one forward (`rewards.packed`)."""
+    return Packed(f"<|user|> {query} <|end|>", f" <|system|> {statement} <|end|>")
 
 
-def world_nli_text(character: str, statement: str, query: str, response: str) -> str:
-    """'<|system|> i live in lyon . <|assistant|> hey ! i live in rome ! <|end|>'.
+def world_nli_text(character: str, statement: str, query: str, response: str) -> Packed:
+    """'<|system|> i live in lyon .' + ' <|assistant|> hey ! i live in rome ! <|end|>': the statement is the prefix
+    that all responses scored against it share (`rewards.packed`).
 
-    The query is left out: a world response states its fact in full, so the label never depends on the query, and
-    with it in the input the classifier confuses the query's slot words with the response's. Measured from the
-    policy, 600 steps at lr 1e-3, same data: with the query, recall contradicted/neutral/entailed 0.87/0.76/0.69 and
-    5.2 neutral statements read as contradicted per response; without it 0.91/0.95/0.74 and 1.5."""
-    return f"<|system|> {statement} <|assistant|> {response} <|end|>"
+    Statement first: the SFT policy the classifier starts from has learned to copy a value from its system turn
+    into its answer, which is the comparison NLI needs; response first (each statement a block after the response,
+    so one sequence per response) did not learn it (world seed 0, reward set, 2026-12-04: recall contradicted /
+    neutral / entailed 0.46/1.00/0.58 after 1200 steps, the first seed abandoned at step 600). The query is left
+    out: a world response states its fact in full, so the label never depends on the query, and with it in the input
+    the classifier confuses the query's slot words with the response's (docs/experiments/apc_discriminators.md)."""
+    return Packed(f"<|system|> {statement}", f" <|assistant|> {response} <|end|>")
 
 
 FORMATS = {"relevance": world_relevance_text, "nli": world_nli_text}
 # Part of the cache name of `discriminators_artifact`: bump it when the formats or the example builders change, so
-# that classifiers trained on the old ones are not reused (v2: the NLI input lost the query, minimal triples).
-FORMAT_VERSION = 2
+# that classifiers trained on the old ones are not reused (v2: the NLI input lost the query, minimal triples; v3:
+# relevance reads the query first, packed).
+FORMAT_VERSION = 3
 
 
 # --- data from the world's oracle ---------------------------------------------------------------------------------
@@ -379,32 +313,50 @@ def train_classifier(model, tokenizer, texts: list, labels: list[int], group: in
     loss; AdamW with warmup + cosine decay. Returns the timing and last loss. `gate(model) -> bool` is asked at
     cfg.gate_step: on False training stops there ("abandoned_at")."""
     import inspect
+    import itertools
 
     import torch
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    accepts = set(inspect.signature(model.forward).parameters)  # Llama has no token_type_ids, BERT does
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"]]
+    from rewards.packed import flat, pack, packable, packed_logits, tokenize_packed
+
+    y = torch.tensor(labels)
+    if packable(model):  # the inputs of a batch that share a prefix (an NLI triple's response) share a sequence
+        prefix_of, prefix_ids, block_ids = tokenize_packed(tokenizer, texts, desc)
+
+        def parts(idx: list[int]):
+            sequences = pack(idx, prefix_of, prefix_ids, block_ids, budget=4 * cfg.max_length)  # longest first
+            bounds = [round(i * len(sequences) / cfg.micro_batches) for i in range(cfg.micro_batches + 1)]
+            for chunk in (sequences[a:b] for a, b in itertools.pairwise(bounds)):
+                if chunk:
+                    logits, owners = packed_logits(model, chunk, tokenizer.pad_token_id)
+                    yield logits, y[owners].to(model.device)
+    else:  # encoders: one text per input, in length-sorted parts (padding to the longest wastes ~40%, 4 parts ~13%)
+        accepts = set(inspect.signature(model.forward).parameters)  # Llama has no token_type_ids, BERT does
+        whole = [flat(t) for t in texts]
+        lengths = [len(ids) for ids in tokenizer(whole, truncation=True, max_length=cfg.max_length)["input_ids"]]
+
+        def parts(idx: list[int]):
+            for part in torch.tensor(sorted(idx, key=lambda i: lengths[i])).chunk(cfg.micro_batches):
+                batch = tokenizer([whole[i] for i in part.tolist()], padding=True, truncation=True,
+                                  max_length=cfg.max_length, return_tensors="pt")
+                batch = {k: v.to(model.device) for k, v in batch.items() if k in accepts}
+                yield model(**batch).logits, y[part].to(model.device)
+
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup, steps)
     order = torch.Generator().manual_seed(seed)
-    y = torch.tensor(labels)
     model.train()
     t0, loss, out = time.time(), torch.tensor(float("nan")), {"steps": steps}
     bar = tqdm(range(steps), desc=f"{desc} seed {seed}")
     for step in bar:
         idx = batch_indices(grouped, group, len(texts) - grouped, cfg, order).tolist()
-        # Padding a batch to its longest input wastes ~40% of the NLI forward; four length-sorted parts ~13%.
-        idx.sort(key=lambda i: lengths[i])
         loss = torch.zeros(())
-        for part in torch.tensor(idx).chunk(cfg.micro_batches):
-            batch = tokenizer([texts[i] for i in part.tolist()], padding=True, truncation=True,
-                              max_length=cfg.max_length, return_tensors="pt")
-            batch = {k: v.to(model.device) for k, v in batch.items() if k in accepts}
-            part_loss = model(**batch, labels=y[part].to(model.device)).loss
-            (part_loss * len(part) / len(idx)).backward()
-            loss += part_loss.detach().cpu() * len(part) / len(idx)
+        for logits, targets in parts(idx):  # part losses add up to the batch's mean
+            part_loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+            (part_loss * len(targets) / len(idx)).backward()
+            loss += part_loss.detach().cpu() * len(targets) / len(idx)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
@@ -483,13 +435,16 @@ def recall_metrics(predicted: list[int], labels: list[int], names: tuple[str, ..
     return {"accuracy": accuracy, "recall": recall, "min_recall": min(recall.values()), "examples": len(labels)}
 
 
-def predict(model, tokenizer, texts: list[str], names: tuple[str, ...], max_length: int) -> list[int]:
-    """The most probable label index (in the order of `names`) of each text, through the same batched forward the
+def predict(model, tokenizer, texts: list[Packed], names: tuple[str, ...], max_length: int) -> list[int]:
+    """The most probable label index (in the order of `names`) of each input, through the same packed forward the
     APC scorer uses."""
     from rewards.apc import Discriminator
+    from rewards.packed import flat
 
     disc = Discriminator(model, tokenizer, names, "eval", batch_size=256, max_length=max_length)
-    return disc.probs(disc.encode(texts, truncate=True)).argmax(-1).tolist()
+    if disc.packable:
+        return disc.packed_probs(texts)[0].argmax(-1).tolist()
+    return disc.probs(disc.encode([flat(t) for t in texts], truncate=True)).argmax(-1).tolist()
 
 
 def evaluate_classifier(model, tokenizer, texts: list, labels: list[int], names: tuple[str, ...],

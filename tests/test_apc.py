@@ -24,6 +24,7 @@ from rewards.apc import (
     apc_terms,
     apc_value,
 )
+from rewards.packed import Packed, flat
 
 CHARACTER = "ada"
 STATEMENTS = ["ada lives in lyon .", "ada works as a baker .", "ada has a cat named tom .", "ada likes jazz .",
@@ -385,3 +386,61 @@ def test_reward_fn_options_and_errors(tok, bert_pair):
         apc_reward_fn(scorer)(prompts, [RESPONSES[0]], query=[QUERY])
     with pytest.raises(TypeError, match="statements must be a list of strings"):
         scorer.score_many([APCRequest("ada lives in lyon .", QUERY, RESPONSES)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed inputs: every block of a shared prefix in one forward.
+
+def packed_relevance(character, statement, query):
+    return Packed(f"{query} |", f" {statement} .")
+
+
+def packed_nli(character, statement, query, response):
+    return Packed(f"{response} |", f" {statement} .")
+
+
+@pytest.fixture(scope="module")
+def plain_tok():
+    """The word tokenizer without [CLS]/[SEP] around an input, so a prefix and a block tokenize apart as together."""
+    plain = word_tokenizer()
+    plain.backend_tokenizer.post_processor = None
+    return plain
+
+
+def test_packed_scorer_matches_statement_loop(plain_tok):
+    """Packed forwards give the numbers of one forward per (statement, response) text, and so does packed=False."""
+    rel = tiny_llama(len(plain_tok), ["no", "yes"], 0)
+    nli = tiny_llama(len(plain_tok), ["contradicted", "neutral", "entailed"], 1)
+    formats = (packed_relevance, packed_nli)
+    whole = (lambda *a: flat(packed_relevance(*a)), lambda *a: flat(packed_nli(*a)))
+    expected = naive_apc(rel, nli, plain_tok, STATEMENTS, QUERY, RESPONSES, whole)
+    assert expected.std() > 1e-3
+    for packed in (True, False):
+        scorer = APCScorer(rel, plain_tok, nli, plain_tok, relevance_text=formats[0], nli_text=formats[1],
+                           packed=packed)
+        torch.testing.assert_close(scorer.score(STATEMENTS, QUERY, RESPONSES, CHARACTER).v_apc, expected,
+                                   atol=1e-5, rtol=0)
+
+
+def test_packed_probs_split_sequences_and_batches(plain_tok):
+    """A token budget smaller than a prefix's blocks splits them over sequences and batches: same probabilities,
+    fewer tokens than one text per input."""
+    nli = tiny_llama(len(plain_tok), ["contradicted", "neutral", "entailed"], 1)
+    disc = apc.Discriminator(nli, plain_tok, apc.NLI_LABELS, "nli")
+    items = [packed_nli(CHARACTER, s, QUERY, r) for r in RESPONSES for s in STATEMENTS]
+    whole = disc.probs(disc.encode([flat(x) for x in items], truncate=False))
+    rows = count_rows(nli.model)
+    for budget in (8192, 24):
+        packed, lengths = disc.packed_probs(items, tokens_per_sequence=budget, tokens_per_forward=budget)
+        torch.testing.assert_close(packed, whole, atol=1e-5, rtol=0)
+        assert lengths.tolist() == [len(plain_tok(flat(x))["input_ids"]) for x in items]
+    assert rows[0] == len(RESPONSES) and len(rows) > 2  # one sequence per response; the small budget splits
+
+
+def test_packed_inputs_refuse_what_they_cannot_read(tok, plain_tok):
+    bert = tiny_bert(len(plain_tok), ["contradicted", "neutral", "entailed"], 1)
+    with pytest.raises(ValueError, match="per-token `score` head"):
+        apc.Discriminator(bert, plain_tok, apc.NLI_LABELS, "nli").packed_probs([packed_nli("", "a", "", "b")])
+    llama = tiny_llama(len(tok), ["contradicted", "neutral", "entailed"], 1)
+    with pytest.raises(ValueError, match="does not split .* pass packed=False"):  # [CLS] ... [SEP] around inputs
+        apc.Discriminator(llama, tok, apc.NLI_LABELS, "nli").packed_probs([packed_nli("", "ada", "", "lyon")])

@@ -32,6 +32,7 @@ from rewards.discriminators import (
     world_nli_text,
     world_relevance_text,
 )
+from rewards.packed import Packed
 
 SMALL = WorldSpec(characters=24, users=[4, 2, 2], dialogues=50, train_pairs=2, context_pairs=2, target_pairs=2)
 TINY = ModelConfig(preset="llama", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=128,
@@ -183,11 +184,36 @@ def test_recall_metrics_worked_numbers():
     assert m["min_recall"] == 0.5 and m["examples"] == 6
 
 
-def test_formats_keep_the_parts_in_order():
-    assert world_relevance_text("anna", "i live in lyon .", "where do you live ?") == (
-        "<|system|> i live in lyon . <|user|> where do you live ? <|end|>")
+def test_formats_put_the_shared_part_first():
+    assert world_relevance_text("anna", "i live in lyon .", "where do you live ?") == Packed(
+        "<|user|> where do you live ? <|end|>", " <|system|> i live in lyon . <|end|>")
     text = world_nli_text("anna", "i live in lyon .", "where do you live ?", "hey . i live in rome .")
-    assert text == "<|system|> i live in lyon . <|assistant|> hey . i live in rome . <|end|>"  # no query: see docs
+    assert text == Packed("<|system|> i live in lyon .", " <|assistant|> hey . i live in rome . <|end|>")  # no query
+
+
+def test_packed_training_takes_the_step_of_one_text_per_input(world, tmp_path, monkeypatch):
+    """Inputs that share a prefix (a triple's statement) share a sequence in training: the step is the one of one
+    text per input, as encoders train."""
+    from alignment.models import load_sequence_classifier, load_tokenizer
+    from alignment.runs import Run
+    from rewards import packed
+    from rewards.discriminators import train_classifier
+
+    examples = make_examples(world, "reward", "nli", 30, seed=0)
+    texts, labels = [world_nli_text(*args) for args, _ in examples], [y for _, y in examples]
+    assert len({t.prefix for t in texts}) < len(texts)  # some sequences hold several blocks
+    tokenizer = load_tokenizer(world["path"] / "tokenizer")
+    run = Run.start(smoke_config(world["path"], tmp_path), "packed", runs_dir=str(tmp_path), name="packed")
+    cfg = smoke_config(world["path"], tmp_path, batch_size=24, warmup=0)
+    weights = []
+    for can_pack in (True, False):
+        monkeypatch.setattr(packed, "packable", lambda model, can_pack=can_pack: can_pack)
+        torch.manual_seed(0)
+        model = load_sequence_classifier(TINY, tokenizer, list(lang.NLI_LABELS))
+        train_classifier(model, tokenizer, texts, labels, 3, len(texts), cfg, 2, "packed", run, seed=0)
+        weights.append(model.state_dict())
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 # --- the dispatcher ---------------------------------------------------------------------------------------------

@@ -45,6 +45,10 @@ def test_apc_dpo_runs_end_to_end_and_moves_the_policy(runs):
     for row in results["rows"].values():
         assert row["oracle"]["lo"] <= row["oracle"]["mean"] <= row["oracle"]["hi"]
     assert "RAG+APC-DPO - RAG" in results["differences"]
+    # where the time went, stage by stage, this invocation building every prerequisite
+    stages = results["timings"]["seconds"]
+    assert list(stages) == ["world", "sft", "discriminators", "sampling", "apc", "dpo", "evaluation"]
+    assert all(seconds >= 0 for seconds in stages.values()) and stages["sft"] > 0 and not results["timings"]["resumed"]
     table = (run_dir / "results.md").read_text()
     # The tiny test policy writes almost no valid world sentence: the table says it is void first when it is.
     void = max(row["valid"] for row in results["rows"].values()) < 0.05

@@ -311,3 +311,19 @@ def test_cached_tensor_left_truncated_is_computed_again(in_tmp, caplog):
         value = run.cached_tensor("ref.safetensors", {"k": 1}, lambda: torch.zeros(4))
     assert torch.equal(value, torch.zeros(4)) and "does not load" in caplog.text
     assert torch.equal(run.cached_tensor("ref.safetensors", {"k": 1}, lambda: torch.ones(4)), torch.zeros(4))
+
+
+def test_stages_add_up_their_wall_time_even_when_a_block_fails(in_tmp, monkeypatch):
+    clock = iter([0.0, 2.0, 10.0, 13.5, 20.0, 21.0])  # three blocks of 2, 3.5 and 1 seconds
+    monkeypatch.setattr(runs.time, "perf_counter", lambda: next(clock))
+    run = Run.start(LoopConfig(), "timed")
+    with run.stage("sft"):
+        pass
+    with pytest.raises(RuntimeError), run.stage("dpo"):
+        raise RuntimeError("a crash still counts its time")
+    with run.stage("sft"):
+        pass
+    assert run.timings == {"sft": 3.0, "dpo": 3.5}
+    assert run.timings_line() == "time: sft 3s, dpo 4s; total 6s"
+    with runs.timed(None, "nothing"):  # library calls without a run time nothing
+        pass

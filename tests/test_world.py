@@ -182,6 +182,27 @@ def test_dialogue_responses_are_valid_and_spread_across_profiles(world):
     assert counts.max() / counts.sum() < 0.5
 
 
+def test_dialogues_hold_the_three_prompt_shapes_of_the_apc_table(world):
+    """RAG top-k, an empty system turn (Vanilla) and every statement in persona order (LCM), at about
+    `prompt_mix` (0.8, 0.1, 0.1 of 300 dialogues; a user's stated preferences may follow any of them)."""
+    characters = {c["character_id"]: c for c in world["characters"]}
+    shapes = []
+    for d in world["dialogues"]:
+        system = d["prompt"][0]["content"]
+        statements = " ".join(s["text"] for s in characters[d["character_id"]]["statements"])
+        without_persona = system[:len(system) - len(d["persona"])].strip() if d["persona"] else system
+        shapes.append("lcm" if without_persona == statements else "vanilla" if not without_persona else "rag")
+    counts = {shape: shapes.count(shape) / len(shapes) for shape in ("rag", "vanilla", "lcm")}
+    assert 0.72 < counts["rag"] < 0.88 and 0.05 < counts["vanilla"] < 0.15 and 0.05 < counts["lcm"] < 0.15
+
+
+def test_a_bad_prompt_mix_fails_in_one_line(tmp_path):
+    from alignment.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"world.prompt_mix: need three shares >= 0"):
+        build_world(dataclasses.replace(SMALL, prompt_mix=[1.0, 0.0]), tmp_path)
+
+
 def test_rag_statements_contain_the_relevant_one():
     rng = np.random.default_rng(0)
     statements = [{"slot": s, "value": v, "text": lang.statement_text(s, v)}
