@@ -349,6 +349,9 @@ class Run:
         meta = json.loads((directory / "meta.json").read_text())
         meta.setdefault("resumes", []).append(_invocation())
         run = cls(directory, cfg, meta, resumed=True)
+        for stale in directory.glob(".*.tmp"):  # a write the crash interrupted (`_atomic_open`): never renamed
+            log.info("resume: removing %s, a write that did not finish", stale.name)
+            stale.unlink()
         changed = _changed_keys(run.path("config.yaml"), cfg)
         if changed:
             log.warning("resuming %s with a changed config: %s", directory.name, ", ".join(changed))

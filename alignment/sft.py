@@ -258,6 +258,16 @@ def policy_artifact(cfg: SFTConfig) -> Path:
     return final_model(artifact / "run")
 
 
+def cached_policy(runs_dir: str | Path = "runs") -> Path | None:
+    """The default world's SFT policy if `policy_artifact` has cached it already (nothing is trained), else None:
+    what the benchmarks time when it is there."""
+    from alignment.cache import artifact_dir, is_complete
+
+    key = replace(SFTConfig(), name=None, resume=False, runs_dir="")  # policy_artifact's key for the default world
+    cached = artifact_dir(f"sft-v{SFT_FORMAT}", key, runs_dir=runs_dir)
+    return final_model(cached / "run") if is_complete(cached) else None
+
+
 def starting_policy(policy: str | None, sft: SFTConfig, world: WorldSpec, runs_dir: str,
                     data: str | None = None) -> Path:
     """The policy a stage starts from: `policy` when given, else the SFT policy of `world` (or of the world directory

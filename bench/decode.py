@@ -60,6 +60,7 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -94,16 +95,11 @@ def params(model) -> int:
 
 
 def world_policy_or_random():
-    """The cached world SFT policy when it exists (no training here), else a random model of its shape."""
-    from dataclasses import replace
+    """The cached default world SFT policy when it exists (no training here), else a random model of its shape."""
+    from alignment.sft import cached_policy
 
-    from alignment.cache import artifact_dir, is_complete
-    from alignment.sft import SFTConfig, final_model
-
-    cached = artifact_dir("sft", replace(SFTConfig(), runs_dir=""))
-    if is_complete(cached):
-        model = LlamaForCausalLM.from_pretrained(final_model(cached / "run"), dtype=torch.float32).eval()
-        return model, "trained world SFT policy"
+    if (cached := cached_policy(Path(__file__).resolve().parent.parent / "runs")) is not None:
+        return LlamaForCausalLM.from_pretrained(cached, dtype=torch.float32).eval(), "trained world SFT policy"
     return build(SHAPES["world"]["base"], 0), "random weights, world policy shape"
 
 

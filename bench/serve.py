@@ -77,16 +77,14 @@ def word_tokenizer(vocab: int):
 
 def cached_world_policy() -> Path | None:
     """The default world SFT policy when cached (never trained here), else the newest complete cached one."""
-    from dataclasses import replace
+    from alignment.cache import is_complete
+    from alignment.sft import cached_policy, final_model
 
-    from alignment.cache import artifact_dir, is_complete
-    from alignment.sft import SFT_FORMAT, SFTConfig, final_model
-
-    exact = artifact_dir(f"sft-v{SFT_FORMAT}", replace(SFTConfig(), name=None, resume=False, runs_dir=""),
-                         runs_dir=ROOT / "runs")
-    cached = (p for p in (ROOT / "runs" / "cache").glob("sft-v*") if p.is_dir() and is_complete(p))
-    done = [exact] if is_complete(exact) else sorted(cached, key=lambda p: p.stat().st_mtime)
-    return final_model(done[-1] / "run") if done else None
+    if (exact := cached_policy(ROOT / "runs")) is not None:
+        return exact
+    cached = sorted((p for p in (ROOT / "runs" / "cache").glob("sft-v*") if p.is_dir() and is_complete(p)),
+                    key=lambda p: p.stat().st_mtime)
+    return final_model(cached[-1] / "run") if cached else None
 
 
 def policy_dir(name: str, out: Path) -> tuple[Path, str]:

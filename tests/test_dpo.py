@@ -146,6 +146,60 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(runs, tmp_path):
     assert meta["resumes"] and killed_at < max(expected)
 
 
+# The dpo entry point with the reference-cache write stopped halfway: half the bytes in the temporary file, a marker
+# file, then a wait for SIGKILL, so the test kills the process inside the write window every time.
+KILLED_MID_WRITE = """
+import os, sys, time
+from alignment import dpo, runs
+from alignment.config import run_cli
+
+write = runs.atomic_write_bytes
+
+def halfway(path, data):
+    if str(path).endswith("ref_logps.safetensors"):
+        with runs._atomic_open(path, "wb") as f:
+            f.write(data[:len(data) // 2])
+            f.flush()
+            open(os.environ["MARKER"], "w").close()
+            time.sleep(600)
+    return write(path, data)
+
+runs.atomic_write_bytes = halfway
+sys.argv = ["alignment.dpo", *sys.argv[1:]]
+run_cli(dpo.DPOConfig, dpo.main)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_the_reference_cache_write_then_resume_recomputes_it(runs, tmp_path):
+    """A kill while ref_logps.safetensors is being written leaves no file under its name (only the temporary one),
+    so `resume=true` computes the reference log-probs again and finishes; the cache it writes loads."""
+    from safetensors import safe_open
+
+    cfg = tiny_config(runs)
+    marker = tmp_path / "writing"
+    command = [sys.executable, "-c", KILLED_MID_WRITE, f"runs_dir={runs}", "name=killed-mid-write"] + overrides(cfg)
+    proc = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "MARKER": str(marker)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_dir = runs / "killed-mid-write"
+    assert marker.exists(), "the run never reached the reference-cache write"
+    assert not (run_dir / "ref_logps.safetensors").exists()
+    assert [p.name for p in run_dir.glob(".ref_logps.safetensors.*.tmp")]  # the half-written temporary file
+
+    resumed = main(replace(cfg, name="killed-mid-write", resume=True))
+    assert (resumed / "DONE").exists()
+    pairs = (resumed / "pairs.jsonl").read_text().splitlines()
+    with safe_open(str(resumed / "ref_logps.safetensors"), "pt") as f:
+        ref = f.get_tensor("value")
+    assert ref.shape == (len(pairs), 2) and torch.isfinite(ref).all()
+    assert not list(resumed.glob(".*.tmp"))  # resume removed the interrupted write
+
+
 def logged_steps(path: Path) -> int:
     steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip().endswith("}")]
     return max(steps, default=0)
