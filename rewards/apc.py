@@ -22,9 +22,10 @@ one unbatched forward per statement and recomputes relevance for every response 
     batches under torch.inference_mode();
   - label order is read from each model's config.id2label and checked, not assumed;
   - ΔAPC is implemented (the official repo has none), either as eq. 6 or against a real neutral response text;
-  - formats that put the shared part first (`rewards.packed.Packed`: the response for NLI, the query for
-    relevance) are read one sequence per response (query) by decoder classifiers, all S statements as blocks,
-    with the numbers of S separate forwards (R forwards instead of S * R; bench/apc_score.py --format packed);
+  - formats that return `rewards.packed.Packed` inputs (a shared prefix, then a block: the world's query then a
+    statement, a statement then a response) are read one sequence per prefix by decoder classifiers, with the
+    numbers of separate forwards (bench/apc_score.py --format packed; fewer tokens and forwards, not less time
+    on the world's tiny classifiers on a CPU);
   - inputs are capped at max_length tokens by trimming only the response, and trimmed pairs are flagged;
   - an optional pruned mode skips statements a bi-encoder finds far from the query (App. A suggests this).
     A pruned statement counts as irrelevant and not contradicted (P_rel = P_contra = 0): it adds exactly 1 to
