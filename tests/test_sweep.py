@@ -21,16 +21,8 @@ import tqdm.auto
 
 from alignment.config import load_config, run_cli
 from alignment.stats import bootstrap_ci, format_ci
-from alignment.sweep import (
-    SweepConfig,
-    aggregate,
-    main,
-    metric_value,
-    plan_sweep,
-    plot_metric,
-    run_name,
-    run_state,
-)
+from alignment.sweep import SweepConfig, main, plan_sweep, run_name, run_state
+from alignment.sweep_report import aggregate, metric_value, plot_metric
 
 FAKE_ENTRY = '''
 """A fake entry point: results are a known function of its keys; it logs each invocation."""
