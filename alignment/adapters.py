@@ -21,9 +21,7 @@ NaN) is not an error: that row or response is dropped and counted in `counts`.
 from __future__ import annotations
 
 import json
-import math
 import random
-import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from alignment.data_files import Part, load_parts, read_column, read_file, require_columns
 from alignment.records import Character, Episode, PreferencePair, Query, RecordError, Statement, User
 
 
@@ -45,130 +44,6 @@ class Adapted:
     queries: list[Query] = field(default_factory=list)
     episodes: list[Episode] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading: a source becomes a list of Parts, each one table that errors can name.
-
-
-@dataclass(frozen=True)
-class Part:
-    """One loaded table: one local file, or one split of a hub / `save_to_disk` dataset."""
-
-    split: str  # "train" / "validation" / "test"
-    where: str  # what errors name: the file path, or "hub-id[split]"
-    rows: Any  # datasets.Dataset
-
-
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-# File-name words that name a split, as in the hub's conventions (train-00000-of-00001.parquet).
-_SPLIT_WORDS = {"train": "train", "test": "test", "validation": "validation", "valid": "validation",
-                "val": "validation", "dev": "validation"}
-
-
-def load_parts(source: str, config: str | None = None) -> list[Part]:
-    """Load `source` (local file, local directory, `save_to_disk` directory, or hub id) into Parts,
-    ordered train, validation, test, so the records come out the same whatever form the source has.
-
-    config: the table to read, for datasets published as several (PRISM's "survey" and
-    "conversations"): the hub config name, or for a local directory the file stem (`survey.jsonl`)
-    or a subfolder (`survey/train/0000.parquet`, the hub's parquet export).
-    """
-    order = {"train": 0, "validation": 1, "test": 2}
-    return sorted(_load(source, config), key=lambda p: (order.get(p.split, 3), p.split, p.where))
-
-
-def _load(source: str, config: str | None) -> list[Part]:
-    import datasets  # ~1.3 s; imported only when an adapter runs
-
-    path = Path(source)
-    if path.is_file():
-        if config is not None:
-            raise RecordError(f"{source}: expected a directory holding the '{config}' table, got a file")
-        return [Part(_split_of(path), str(path), _read_file(path))]
-    if path.is_dir():
-        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-            return _parts_of(datasets.load_from_disk(str(path)), str(path))
-        return [Part(_split_of(f), str(f), _read_file(f)) for f in _data_files(path, config)]
-    try:
-        loaded = datasets.load_dataset(source, config)
-    except Exception as e:  # offline, unknown id, bad config: all one line for the user
-        raise RecordError(f"{source}: not a local path, and the hub could not load it ({_one_line(e)})") from None
-    return _parts_of(loaded, source)
-
-
-def _read_file(path: Path):
-    """One local file -> datasets.Dataset, through the builder its extension names."""
-    import datasets
-
-    builder = _BUILDERS.get(path.suffix)
-    if builder is None:
-        raise RecordError(f"{path}: unsupported file type (use {', '.join(_BUILDERS)})")
-    try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as e:
-        raise RecordError(f"{path}: cannot be read as {builder} ({_one_line(e)})") from None
-
-
-def _data_files(directory: Path, config: str | None) -> list[Path]:
-    files = sorted(p for p in directory.rglob("*") if p.suffix in _BUILDERS and p.is_file())
-    files = [p for p in files if not any(s.startswith(".") for s in p.relative_to(directory).parts)]
-    if config is not None:
-        files = [p for p in files if p.stem == config or config in p.relative_to(directory).parts[:-1]]
-    if not files:
-        table = f"'{config}' " if config else ""
-        raise RecordError(f"{directory}: no {table}data files ({', '.join(_BUILDERS)})")
-    return files
-
-
-def _parts_of(loaded, name: str) -> list[Part]:
-    """A Dataset or DatasetDict -> Parts named `name[split]`."""
-    if hasattr(loaded, "items"):
-        return [Part(split, f"{name}[{split}]", ds) for split, ds in loaded.items()]
-    return [Part("train", name, loaded)]
-
-
-def _split_of(path: Path) -> str:
-    """The split a file holds: a split word in its name (train-00000-of-00001.parquet), or its folder
-    named after one (the hub's parquet export, default/train/0000.parquet); "train" when neither."""
-    words = [*re.split(r"[^a-z]+", path.stem.lower()), path.parent.name.lower()]
-    return next((_SPLIT_WORDS[w] for w in words if w in _SPLIT_WORDS), "train")
-
-
-def _one_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Row access with one-line errors.
-
-_KINDS = {"string": (str,), "number": (int, float), "integer": (int,), "boolean": (bool,), "list": (list,),
-          "id": (str, int)}
-
-
-def _require(part: Part, columns: list[str]) -> None:
-    present = part.rows.column_names
-    for column in columns:
-        if column not in present:
-            shown = ", ".join(present[:10]) + (", ..." if len(present) > 10 else "")
-            raise RecordError(f"{part.where}: missing column {column!r} (has: {shown})")
-
-
-def _get(row: dict, key: str, kind: str, where: str, required: bool = False, label: str | None = None) -> Any:
-    """row[key] checked against `kind`; None for a missing value (null / NaN) unless `required`."""
-    value = row.get(key)
-    if isinstance(value, float) and math.isnan(value):
-        value = None
-    name = label or f"column {key!r}"
-    if value is None and not required:
-        return None
-    # bool is an int subclass: a True label or score is a bug in the data, not 1.
-    if not isinstance(value, _KINDS[kind]) or (isinstance(value, bool) and kind != "boolean"):
-        article = "an" if kind[0] in "aeiou" else "a"
-        got = "None" if value is None else type(value).__name__
-        raise RecordError(f"{where}: {name} must be {article} {kind}, got {got}")
-    return value
 
 
 def _user_prompt(text: str) -> list[dict]:
@@ -210,7 +85,7 @@ def prism(source: str) -> Adapted:
     personas = _prism_personas(load_parts(source, "survey"))
     pairs: list[PreferencePair] = []
     for part in load_parts(source, "conversations"):
-        _require(part, ["user_id", "conversation_id", "conversation_history"])
+        require_columns(part, ["user_id", "conversation_id", "conversation_history"])
         counts["rows"] += len(part.rows)
         for i, row in enumerate(part.rows):
             pairs += _prism_conversation(row, f"{part.where} row {i}", counts)
@@ -225,20 +100,20 @@ def prism(source: str) -> Adapted:
 def _prism_personas(parts: list[Part]) -> dict[str, str]:
     personas = {}
     for part in parts:
-        _require(part, ["user_id", *PRISM_PERSONA_FIELDS])
+        require_columns(part, ["user_id", *PRISM_PERSONA_FIELDS])
         for i, row in enumerate(part.rows):
             where = f"{part.where} row {i}"
-            user_id = _get(row, "user_id", "string", where, required=True)
-            texts = [_get(row, name, "string", where) for name in PRISM_PERSONA_FIELDS]
+            user_id = read_column(row, "user_id", "string", where, required=True)
+            texts = [read_column(row, name, "string", where) for name in PRISM_PERSONA_FIELDS]
             personas[user_id] = "\n\n".join(t.strip() for t in texts if t and t.strip())
     return personas
 
 
 def _prism_conversation(row: dict, where: str, counts: Counter) -> list[PreferencePair]:
     """One conversation tree -> its pairs, turn by turn, carrying the chosen path as history."""
-    user_id = _get(row, "user_id", "string", where, required=True)
-    conversation_id = _get(row, "conversation_id", "string", where, required=True)
-    turns = _prism_turns(_get(row, "conversation_history", "list", where, required=True), where, counts)
+    user_id = read_column(row, "user_id", "string", where, required=True)
+    conversation_id = read_column(row, "conversation_id", "string", where, required=True)
+    turns = _prism_turns(read_column(row, "conversation_history", "list", where, required=True), where, counts)
     history: list[dict] = []
     pairs = []
     for n, turn in enumerate(sorted(turns)):
@@ -281,16 +156,16 @@ def _prism_turns(history: list, where: str, counts: Counter) -> dict[int, tuple[
         label = f"conversation_history[{j}]"
         if not isinstance(entry, dict):
             raise RecordError(f"{where}: {label} must be an object, got {type(entry).__name__}")
-        turn = _get(entry, "turn", "integer", where, required=True, label=f"{label}.turn")
-        role = _get(entry, "role", "string", where, required=True, label=f"{label}.role")
-        content = _get(entry, "content", "string", where, label=f"{label}.content")
+        turn = read_column(entry, "turn", "integer", where, required=True, label=f"{label}.turn")
+        role = read_column(entry, "role", "string", where, required=True, label=f"{label}.role")
+        content = read_column(entry, "content", "string", where, label=f"{label}.content")
         if role == "user":
             turns[turn][0].append(content)
             continue
         if role != "model":
             raise RecordError(f"{where}: {label}.role must be 'user' or 'model', got {role!r}")
-        score = _get(entry, "score", "number", where, label=f"{label}.score")
-        chosen = _get(entry, "if_chosen", "boolean", where, required=True, label=f"{label}.if_chosen")
+        score = read_column(entry, "score", "number", where, label=f"{label}.score")
+        chosen = read_column(entry, "if_chosen", "boolean", where, required=True, label=f"{label}.if_chosen")
         if content is None or score is None:
             counts["missing_dropped"] += 1
             continue
@@ -367,19 +242,19 @@ def _personal_llm_table(part: Part, counts: Counter) -> list[tuple[str, str, lis
     """Rows -> [(prompt_id, prompt, usable response texts, standardized scores (n_usable, 10))]."""
     ks = range(1, PERSONAL_LLM_RESPONSES + 1)
     scores = [f"response_{k}_{rm}" for k in ks for rm in PERSONAL_LLM_RMS]
-    _require(part, ["prompt", *[f"response_{k}" for k in ks], *scores])
+    require_columns(part, ["prompt", *[f"response_{k}" for k in ks], *scores])
     has_id = "prompt_id" in part.rows.column_names
     mean, sd = np.array(list(PERSONAL_LLM_RMS.values())).T  # (10,), (10,)
     counts["rows"] += len(part.rows)
     table = []
     for i, row in enumerate(part.rows):
         where = f"{part.where} row {i}"
-        prompt = _get(row, "prompt", "string", where)
-        prompt_id = str(_get(row, "prompt_id", "id", where, required=True)) if has_id else f"{part.split}-{i}"
+        prompt = read_column(row, "prompt", "string", where)
+        prompt_id = str(read_column(row, "prompt_id", "id", where, required=True)) if has_id else f"{part.split}-{i}"
         texts, raw = [], []
         for k in ks:
-            text = _get(row, f"response_{k}", "string", where)
-            scores = [_get(row, f"response_{k}_{rm}", "number", where) for rm in PERSONAL_LLM_RMS]
+            text = read_column(row, f"response_{k}", "string", where)
+            scores = [read_column(row, f"response_{k}_{rm}", "number", where) for rm in PERSONAL_LLM_RMS]
             if text is None or None in scores:
                 counts["responses_missing"] += 1
                 continue
@@ -419,7 +294,7 @@ def apc_characters(source: str) -> Adapted:
         files = sorted(p for p in path.glob("*.json") if "." not in p.stem)
         if not files:
             raise RecordError(f"{source}: no statement files ({{name}}.json)")
-        parts = [Part("train", str(f), _read_file(f)) for f in files]
+        parts = [Part("train", str(f), read_file(f)) for f in files]
     else:
         parts = load_parts(source)
     counts: Counter = Counter()
@@ -437,12 +312,12 @@ def apc_characters(source: str) -> Adapted:
 
 
 def _apc_statements(part: Part, counts: Counter) -> list[Character]:
-    _require(part, ["character", "statement"])
+    require_columns(part, ["character", "statement"])
     by_name: dict[str, list[str]] = {}
     for i, row in enumerate(part.rows):
         where = f"{part.where} row {i}"
-        name = _get(row, "character", "string", where, required=True)
-        text = _get(row, "statement", "string", where)
+        name = read_column(row, "character", "string", where, required=True)
+        text = read_column(row, "statement", "string", where)
         if text is None:
             counts["statements_missing"] += 1
             continue
@@ -454,14 +329,14 @@ def _apc_statements(part: Part, counts: Counter) -> list[Character]:
 
 
 def _apc_queries(path: Path, characters: list[Character], counts: Counter) -> list[Query]:
-    part = Part("train", str(path), _read_file(path))
-    _require(part, ["statement", "queries"])
+    part = Part("train", str(path), read_file(path))
+    require_columns(part, ["statement", "queries"])
     slot_of = {s.text: (c.character_id, s.slot) for c in characters for s in c.statements}
     queries = []
     for i, row in enumerate(part.rows):
         where = f"{part.where} row {i}"
-        statement = _get(row, "statement", "string", where, required=True)
-        texts = _get(row, "queries", "list", where) or []
+        statement = read_column(row, "statement", "string", where, required=True)
+        texts = read_column(row, "queries", "list", where) or []
         if statement.strip() not in slot_of:
             counts["queries_unmatched"] += len(texts)
             continue
@@ -489,15 +364,15 @@ def fspo_roleplay(source: str, shots: int = 8, seed: int = 0) -> Adapted:
     counts: Counter = Counter()
     pairs, personas = [], {}
     for part in load_parts(source):
-        _require(part, ["x", "yw", "yl", "level", "score_persona"])
+        require_columns(part, ["x", "yw", "yl", "level", "score_persona"])
         counts["rows"] += len(part.rows)
         for i, row in enumerate(part.rows):
             where = f"{part.where} row {i}"
-            user_id = str(_get(row, "level", "id", where, required=True))
-            persona = _get(row, "score_persona", "string", where)
+            user_id = str(read_column(row, "level", "id", where, required=True))
+            persona = read_column(row, "score_persona", "string", where)
             if persona and not personas.get(user_id):
                 personas[user_id] = persona.strip()
-            x, yw, yl = (_get(row, c, "string", where) for c in ("x", "yw", "yl"))
+            x, yw, yl = (read_column(row, c, "string", where) for c in ("x", "yw", "yl"))
             pairs.append(_fspo_pair(user_id, x, yw, yl, part.split, counts))
     return _fspo_result(pairs, personas, shots, seed, counts)
 
@@ -531,14 +406,14 @@ def _fspo_labelled(source: str, persona_of: Callable[[str], str], shots: int, se
     counts: Counter = Counter()
     pairs, personas = [], {}
     for part in load_parts(source):
-        _require(part, ["prompt", "response_x", "response_y", "label", "scorer_level"])
+        require_columns(part, ["prompt", "response_x", "response_y", "label", "scorer_level"])
         counts["rows"] += len(part.rows)
         for i, row in enumerate(part.rows):
             where = f"{part.where} row {i}"
-            level = _get(row, "scorer_level", "string", where, required=True)
+            level = read_column(row, "scorer_level", "string", where, required=True)
             personas.setdefault(level, persona_of(level))
-            label = _get(row, "label", "number", where)
-            x, a, b = (_get(row, c, "string", where) for c in ("prompt", "response_x", "response_y"))
+            label = read_column(row, "label", "number", where)
+            x, a, b = (read_column(row, c, "string", where) for c in ("prompt", "response_x", "response_y"))
             if label is None or label not in (0, 1):
                 counts["missing_dropped" if label is None else "ties_dropped"] += 1
                 continue

@@ -52,6 +52,8 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
+from alignment.files import atomic_write_text
+
 T = TypeVar("T")
 
 # `configs/` beside pyproject.toml. When the package is installed without its repository the
@@ -63,6 +65,10 @@ HELP_FLAGS = ("help", "--help", "-h")
 
 class ConfigError(ValueError):
     """A bad config value, key or file; the message is one line that names the key or file."""
+
+
+class RunExistsError(FileExistsError):
+    """`Run.start(name=...)` on a run directory that exists, without `resume=True`."""
 
 
 @dataclass
@@ -388,8 +394,6 @@ def run_cli(schema: type[T], main: Callable[[T], Any], argv: list[str] | None = 
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    from alignment.runs import RunExistsError  # runs.py imports this module
-
     try:
         return main(cfg)
     # `name=` of a finished run without resume=true, or a check of values main makes before writing anything
@@ -470,9 +474,6 @@ def to_yaml(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write `to_yaml(cfg)` to `path` atomically."""
-    # Imported here: runs.py imports torch, and this module stays light for `help` and typos.
-    from alignment.runs import atomic_write_text
-
     atomic_write_text(path, to_yaml(cfg))
 
 

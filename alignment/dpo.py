@@ -42,7 +42,7 @@ from typing import Literal
 import torch
 
 from alignment.config import AdapterData, ConfigError, LoraConfig
-from alignment.sft import SFTConfig
+from alignment.policy import SFTConfig
 from alignment.world import WorldSpec
 from rewards.discriminators import DiscriminatorConfig
 
@@ -88,8 +88,8 @@ def prerequisites(cfg: DPOConfig, run=None) -> tuple[Path, Path, Path]:
     `run`'s timings when a run is given."""
     from dataclasses import replace
 
+    from alignment.policy import starting_policy
     from alignment.runs import timed
-    from alignment.sft import starting_policy
     from alignment.world import world_artifact
     from rewards.discriminators import discriminators_artifact
 
@@ -115,7 +115,7 @@ def prerequisites(cfg: DPOConfig, run=None) -> tuple[Path, Path, Path]:
 def persona_prompts(queries: list[tuple[dict, dict]], scorer, k: int) -> list[dict[str, list[dict]]]:
     """The three prompt conditions of the APC table for each (query, character): no persona, all statements, RAG
     top-k by `scorer`'s relevance (one batched relevance pass over all queries)."""
-    from alignment.evaluate import world_apc_request
+    from rewards.apc_eval import world_apc_request
 
     def turn(system: str, query: str) -> list[dict]:
         return [{"role": "system", "content": system}, {"role": "user", "content": query}]
@@ -146,10 +146,10 @@ def build_pairs(cfg: DPOConfig, world: dict, policy, tokenizer, scorer, judge, r
     keep best-vs-worst above the margin; `run` times the two as stages "sampling" and "apc"."""
     from tqdm.auto import tqdm
 
-    from alignment.evaluate import world_apc_request
     from alignment.losses import apc_pair_weights
     from alignment.runs import timed
     from alignment.sampling import sample_responses
+    from rewards.apc_eval import world_apc_request
 
     queries = select_queries(world, cfg.characters, "train", cfg.train_queries, cfg.seed, with_off_topic=True)
     with timed(run, "sampling"):
@@ -227,8 +227,8 @@ def dpo_step_loss(cfg: DPOConfig, model, batch, ref: torch.Tensor, votes: torch.
 # --- evaluation -------------------------------------------------------------------------------------------------
 def evaluate(cfg: DPOConfig, world, base, trained, tokenizer, reward_scorer, evaluator, run) -> dict:
     """The APC Table 1 rows on held-out queries, scored by the evaluator discriminators and the oracle."""
-    from alignment.evaluate import apc_table
     from alignment.sampling import sample_responses
+    from rewards.apc_eval import apc_table
 
     queries = select_queries(world, cfg.characters, "test", cfg.eval_queries, cfg.seed, with_off_topic=False)
     prompts = persona_prompts(queries, reward_scorer, cfg.rag_k)
@@ -247,11 +247,12 @@ def evaluate(cfg: DPOConfig, world, base, trained, tokenizer, reward_scorer, eva
 
 # --- entry point ------------------------------------------------------------------------------------------------
 def main(cfg: DPOConfig) -> Path:
-    from alignment.evaluate import format_apc_table
+    from alignment.files import atomic_write_text
     from alignment.models import load_tokenizer
     from alignment.records import PreferencePair, read_jsonl, write_jsonl
-    from alignment.runs import Run, atomic_write_text, seed_everything
+    from alignment.runs import Run, seed_everything
     from alignment.world import load_world
+    from rewards.apc_eval import format_apc_table
     from rewards.discriminators import load_scorer
 
     # --- setup
@@ -269,7 +270,7 @@ def main(cfg: DPOConfig) -> Path:
 
     # --- data: pairs (built once per run; a resumed run reads them back)
     if not run.path("pairs.jsonl").exists():
-        from alignment.oracle import OracleAPCScorer
+        from rewards.apc_eval import OracleAPCScorer
 
         judge = OracleAPCScorer() if cfg.reward == "oracle" else reward_scorer
         pairs = build_pairs(cfg, world, base, tokenizer, reward_scorer, judge, run)
@@ -348,9 +349,9 @@ def train(cfg: DPOConfig, run, base, tokenizer, pairs: list[dict]):
 
     from tqdm.auto import tqdm
 
+    from alignment.files import json_digest
     from alignment.losses import LENGTH_AVERAGED
     from alignment.models import attach_lora
-    from alignment.runs import json_digest
 
     # --- reference log-probs, computed once per run (a resumed run reads them back while they still apply)
     votes = torch.tensor([p["votes"] or [1.0, 0.0] for p in pairs])  # (P, 2): w12, w21 of APC eq. 9

@@ -1,4 +1,4 @@
-"""Evaluation: the functions every training entry point ends with, and an entry point to run them on any checkpoint.
+"""Evaluation entry point: rerun a training run's closing evaluation on any checkpoint.
 
     python -m alignment.evaluate policy=runs/dpo-<...>/ckpt/step_000040/model dpo=runs/dpo-<...>   # kind=apc
     python -m alignment.evaluate kind=rm run=runs/persona_rm-<...> 'eval.ks=[0,4,16]'            # alignment/eval_rm.py
@@ -7,78 +7,17 @@ The entry point dispatches on `kind` (alignment.config.run_kind; apc when none i
 
 APC (role-play faithfulness): ΔAPC of each prompt condition (APC paper Table 1: Vanilla, LCM, RAG, RAG+APC-DPO)
 scored by the evaluator discriminators and by the world's oracle, with 95% bootstrap intervals over queries and
-paired differences between rows. Numbers land in `results.json`, the table in `results.md`.
+paired differences between rows (`rewards.apc_eval`). Numbers land in `results.json`, the table in `results.md`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
-from alignment.oracle import void_note
-from alignment.stats import bootstrap_ci, format_ci, paired_difference_ci
-
 log = logging.getLogger(__name__)
-
-APC_DIFFERENCES = (("RAG+APC-DPO", "RAG"), ("RAG", "Vanilla"), ("RAG", "LCM"))
-
-
-def world_apc_request(query: dict, character: dict, responses: Sequence[str] = ()):
-    """The `rewards.apc.APCRequest` that scores `responses` to a world query against its character's persona."""
-    from rewards.apc import APCRequest
-
-    return APCRequest([s["text"] for s in character["statements"]], query["text"], list(responses), character["name"])
-
-
-def apc_table(queries: list[tuple[dict, dict]], responses: dict[str, list[str]], evaluator, seed: int = 0) -> dict:
-    """ΔAPC per condition by the evaluator and the oracle, with intervals; paired differences of APC_DIFFERENCES.
-
-    queries: (query, character) rows; responses: condition name -> one response per query (same order).
-    """
-    from alignment.oracle import oracle_apc
-
-    names = list(responses)
-    requests = [world_apc_request(q, c, [responses[n][i] for n in names]) for i, (q, c) in enumerate(queries)]
-    scores = evaluator.score_many(requests)  # one relevance pass per query, all conditions' NLI batched together
-    by_evaluator = {n: np.array([s.delta[j].item() for s in scores]) for j, n in enumerate(names)}
-    by_oracle = {n: np.array([oracle_apc(c, q["slot"], responses[n][i])[1] for i, (q, c) in enumerate(queries)])
-                 for n in names}
-    valid = {n: float(np.mean([_valid(r) for r in responses[n]])) for n in names}
-    rows = {n: {"evaluator": bootstrap_ci(by_evaluator[n], seed=seed), "oracle": bootstrap_ci(by_oracle[n], seed=seed),
-                "valid": valid[n]} for n in names}
-    diffs = {f"{a} - {b}": {"evaluator": paired_difference_ci(by_evaluator[a], by_evaluator[b], seed=seed),
-                            "oracle": paired_difference_ci(by_oracle[a], by_oracle[b], seed=seed)}
-             for a, b in APC_DIFFERENCES if a in names and b in names}
-    out = {"queries": len(queries), "rows": rows, "differences": diffs}
-    note = void_note(valid, "the APC table")
-    if note:
-        log.warning(note)
-        out["void"] = note
-    return out
-
-
-def _valid(text: str) -> bool:
-    from alignment.language import parse_response
-
-    return parse_response(text) is not None
-
-
-def format_apc_table(results: dict) -> str:
-    """Markdown: one row per condition, ΔAPC mean [95% CI] by evaluator and oracle; then the paired differences."""
-    lines = ([f"**{results['void']}**", ""] if results.get("void") else []) + [
-             f"ΔAPC on {results['queries']} held-out queries (mean [95% bootstrap CI over queries])", "",
-             "| method | ΔAPC evaluator | ΔAPC oracle | valid |", "|---|---|---|---|"]
-    for name, row in results["rows"].items():
-        lines.append(f"| {name} | {format_ci(row['evaluator'])} | {format_ci(row['oracle'])} | {row['valid']:.1%} |")
-    lines += ["", "| paired difference | evaluator | oracle |", "|---|---|---|"]
-    for name, d in results["differences"].items():
-        lines.append(f"| {name} | {format_ci(d['evaluator'])} | {format_ci(d['oracle'])} |")
-    return "\n".join(lines)
 
 
 @dataclass
@@ -96,9 +35,11 @@ def main(cfg: EvaluateConfig) -> Path:
     """Re-run the APC evaluation of a DPO run on any checkpoint (same prompts, discriminators and oracle)."""
     from alignment.config import load_config
     from alignment.dpo import DPOConfig, _load_policy, evaluate, prerequisites
+    from alignment.files import atomic_write_text
     from alignment.models import load_tokenizer
-    from alignment.runs import Run, atomic_write_text, seed_everything
+    from alignment.runs import Run, seed_everything
     from alignment.world import load_world
+    from rewards.apc_eval import format_apc_table
     from rewards.discriminators import load_scorer
 
     dpo_cfg = load_config(DPOConfig, [f"config={Path(cfg.dpo) / 'config.yaml'}"] if cfg.dpo else [])

@@ -22,8 +22,8 @@ personalize from a few examples, with no user embedding and no test-time gradien
 4. Reference log-probs computed once and cached in the run (ref_logps.safetensors); the few-shot prompt is run
    once per pair and its KV cache shared by chosen and rejected (`shared_prompt_logps`).
 5. DPO (sigmoid) or IPO (`alignment.losses`; IPO on length-averaged log-probs) over a seeded order, with
-   length-bucketed batches; checkpoints and exact resume as in alignment/sft.py.
-6. Evaluation (`alignment.eval_fspo`): held-out users, win rate against the base policy under each user's true
+   length-bucketed batches; checkpoints and exact resume as in alignment/policy.py.
+6. Evaluation (`alignment.fspo_eval`): held-out users, win rate against the base policy under each user's true
    reward, with the baselines the paper compares (few-shot prompting, population DPO/IPO, oracle persona).
 
 `describe=true` is the paper's user-description variant (v1 "COT", v2 "RAT"): the completion is a short
@@ -52,9 +52,11 @@ import numpy as np
 import torch
 
 from alignment.config import AdapterData, LoraConfig
-from alignment.eval_fspo import EvalSettings
+from alignment.fspo_eval import EvalSettings, evaluate_world, true_reward_fn
 from alignment.model_sources import model_path
-from alignment.sft import SFTConfig
+from alignment.policy import SFTConfig
+from alignment.sampling import sample_responses_by_length, with_system_suffix
+from alignment.shots import Users, adapter_users, world_users
 from alignment.world import WorldSpec
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ class FSPOConfig:
     beta: float = 0.1  # IPO on per-token averages targets a margin of 1 / (2 beta) nats per token
     sft_weight: float = 0.0  # + this times the per-token NLL of chosen (RPO, arXiv:2404.19733)
     sft_epochs: int = 0  # stage 1, the paper's: epochs of NLL on the chosen responses given the shots ("Pref-FT")
-    sft_lr: float = 3e-3  # stage 1 peak lr (warmup then cosine, as alignment/sft.py); the world policy's value
+    sft_lr: float = 3e-3  # stage 1 peak lr (warmup then cosine, as alignment/policy.py); the world policy's value
     lora: LoraConfig | None = None  # None: full fine-tuning; LoRA for a pretrained policy (one adapter per stage)
     lr: float = 3e-4  # peak; linear decay to 0
     epochs: int = 2
@@ -101,7 +103,7 @@ class FSPOConfig:
 # --- setup: prerequisites and data ------------------------------------------------------------------------------
 def prerequisites(cfg: FSPOConfig) -> tuple[Path | None, Path]:
     """(world dir or None for adapter data, starting policy dir), building and caching whatever is missing."""
-    from alignment.sft import starting_policy
+    from alignment.policy import starting_policy
     from alignment.world import world_artifact
 
     if cfg.data is not None:
@@ -112,44 +114,6 @@ def prerequisites(cfg: FSPOConfig) -> tuple[Path | None, Path]:
     return world, starting_policy(cfg.policy, cfg.sft, cfg.world, cfg.runs_dir, data=cfg.world_dir)
 
 
-@dataclass
-class Users:
-    """Pairs by split and user, and who each user is. `shots[split]` are pools of in-context pairs; `targets[split]`
-    the pools targets come from (None: the shot pool itself). `persona[user]` is the user's description."""
-
-    shots: dict[str, dict[str, list]]
-    targets: dict[str, dict[str, list] | None]
-    persona: dict[str, str]
-
-
-def world_users(world: dict) -> Users:
-    """The world's user-disjoint splits: train episodes inside `train_context` (train queries); val and test users
-    take shots from `<split>_context` (train queries) and targets from `<split>_target` (test queries)."""
-    from alignment.shots import group_by_user
-
-    pairs = [as_pair(p) for p in world["pairs"]]
-    by_split = lambda s: group_by_user([p for p in pairs if p.split == s])
-    return Users(shots={s: by_split(f"{s}_context") for s in ("train", "val", "test")},
-                 targets={"train": None, "val": by_split("val_target"), "test": by_split("test_target")},
-                 persona={u["user_id"]: u["persona"] for u in world["users"]})
-
-
-def adapter_users(data: AdapterData, seed: int) -> Users:
-    """Adapter data split by user (`adapters.split_users`); shots and targets share each user's pool."""
-    from alignment.adapters import read_adapter, split_users
-
-    adapted = read_adapter(data)
-    shots = split_users(adapted.pairs, data.users, seed)
-    return Users(shots=shots, targets=dict.fromkeys(shots), persona={u.user_id: u.persona for u in adapted.users})
-
-
-def as_pair(row: dict):
-    from alignment.records import PreferencePair
-
-    return PreferencePair(**{k: row[k] for k in PreferencePair.__dataclass_fields__ if k in row})
-
-
-# --- targets ----------------------------------------------------------------------------------------------------
 def on_policy_targets(cfg: FSPOConfig, episodes: list, policy, tokenizer, reward,
                       persona: dict[str, str] | None = None) -> tuple[list, int]:
     """Replace each episode's target pair by the best and worst of `samples` policy responses, ranked by the user's
@@ -157,7 +121,6 @@ def on_policy_targets(cfg: FSPOConfig, episodes: list, policy, tokenizer, reward
     room for `max_new_tokens` (whole shots dropped, as in training); with `persona` (user -> stated preferences) it
     answers the target's own prompt with the user's persona in the system turn instead, and the shots are kept as
     drawn. Episodes whose samples all tie are dropped (returned count)."""
-    from alignment.eval_fspo import sample_by_length, with_persona
     from alignment.shots import FORMATS, fit_prompt, kept_shots
 
     fmt, budget = FORMATS[cfg.format], cfg.max_length - cfg.max_new_tokens - 1
@@ -167,8 +130,8 @@ def on_policy_targets(cfg: FSPOConfig, episodes: list, policy, tokenizer, reward
         prompts = [fmt.prompt(e.shots, e.target.prompt, cfg.describe) for e in kept_episodes]
     else:
         kept_episodes = episodes
-        prompts = [with_persona(e.target.prompt, persona[e.user_id]) for e in episodes]
-    samples = sample_by_length(policy, tokenizer, prompts, n=cfg.samples, temperature=cfg.temperature,
+        prompts = [with_system_suffix(e.target.prompt, persona[e.user_id]) for e in episodes]
+    samples = sample_responses_by_length(policy, tokenizer, prompts, n=cfg.samples, temperature=cfg.temperature,
                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     kept, ties = [], len(episodes) - len(kept_episodes)
     for episode, responses in zip(kept_episodes, samples, strict=True):
@@ -385,7 +348,7 @@ def pref_ft_stage(cfg: FSPOConfig, run, base, episodes: list, tokenizer, persona
     import copy
 
     from alignment.models import save_model
-    from alignment.sft import lr_lambda as warmup_cosine
+    from alignment.training import lr_lambda as warmup_cosine
 
     if run.path("pref_ft").exists():
         return load_policy(run.path("pref_ft"), positions(cfg))[1]
@@ -429,7 +392,6 @@ def ranked_targets(cfg: FSPOConfig, run, episodes: list, policy, tokenizer, worl
                    persona: dict[str, str] | None = None) -> list:
     """`on_policy_targets` with the world's true reward, episodes that tie counted in the run's meta. Persona
     targets are written to `persona_episodes.jsonl` and read back on resume (stage 1 trains on them)."""
-    from alignment.eval_fspo import true_reward_fn
     from alignment.records import Episode, read_jsonl, write_jsonl
 
     cache = run.path("persona_episodes.jsonl") if persona is not None else None
@@ -455,9 +417,10 @@ def main(cfg: FSPOConfig) -> Path:
 
     from tqdm.auto import tqdm
 
+    from alignment.files import json_digest
     from alignment.losses import LENGTH_AVERAGED
     from alignment.records import Episode, read_jsonl, write_jsonl
-    from alignment.runs import Run, json_digest, seed_everything
+    from alignment.runs import Run, seed_everything
     from alignment.shots import sample_episodes
 
     # --- setup
@@ -570,8 +533,6 @@ def main(cfg: FSPOConfig) -> Path:
                "held_out": held_out(cfg, users, policy, start, tokenizer, average)}
     log.info("held-out users, implicit-reward accuracy: %s", results["held_out"])
     if cfg.evaluate and world is not None:
-        from alignment.eval_fspo import evaluate_world
-
         population = population_policy(cfg, world_dir, policy_dir)
         pref_ft = start if cfg.sft_epochs else None
         results["eval"] = evaluate_world(cfg, world, tokenizer, base, policy, population, run.dir, pref_ft)
@@ -623,7 +584,7 @@ def population_policy(cfg: FSPOConfig, world_dir: Path, policy_dir: Path):
     """The population DPO/IPO baseline: the same training without user context (k = 0), cached by config; it
     trains on the same world and starting policy (passed as paths, so nothing is rebuilt inside the cache)."""
     from alignment.cache import cached_artifact
-    from alignment.sft import final_model
+    from alignment.training import final_model
 
     pop = replace(cfg, k_min=0, k_max=0, describe=False, evaluate=False, name=None, resume=False)
     key = replace(pop, runs_dir="")

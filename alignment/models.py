@@ -47,8 +47,8 @@ from transformers import (
 )
 
 from alignment.config import ConfigError, LoraConfig, ModelConfig
+from alignment.files import atomic_replace_dir
 from alignment.model_sources import SOURCES, is_source, model_path
-from alignment.runs import atomic_replace_dir
 
 log = logging.getLogger(__name__)
 

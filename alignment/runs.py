@@ -1,4 +1,4 @@
-"""Self-describing, resumable run directories, and crash-safe file writes.
+"""Self-describing, resumable run directories (crash-safe writes come from `alignment.files`).
 
 Every entry point writes only under `runs/<name>/`:
 
@@ -57,7 +57,8 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save, save_file, save_model
 
-from alignment.config import save_config, to_yaml
+from alignment.config import RunExistsError, save_config, to_yaml
+from alignment.files import atomic_replace_dir, atomic_write_bytes, atomic_write_text, write_json
 from alignment.model_sources import named_sources
 
 log = logging.getLogger(__name__)
@@ -75,92 +76,12 @@ def seed_everything(seed: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Crash-safe writes: temp file in the same directory, flush + fsync, then os.replace.
-# os.replace is atomic on POSIX and Windows when both paths are on one filesystem, which a sibling
-# temp file guarantees; a crash at any point leaves either the old file or the new one, never half.
-
-
-@contextlib.contextmanager
-def _atomic_open(path: str | os.PathLike, mode: str):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename: without it a power cut can forget the new directory entry (POSIX only)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with _atomic_open(path, "wb") as f:
-        f.write(data)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with _atomic_open(path, "w") as f:
-        f.write(text)
-
-
-def json_digest(obj: Any) -> str:
-    """16 hex digits of sha256 over `obj` as canonical JSON: a fingerprint of data a cached file was computed from."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """`obj` as indented JSON, atomically; streamed, so a serializer error mid-way leaves the old file."""
-    with _atomic_open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
-def atomic_replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished directory `src` to `dst`, replacing any old `dst`.
-
-    A rename cannot replace a non-empty directory, so an old `dst` is first renamed aside; between the
-    two renames `dst` is briefly absent (never half-written), and a crash there leaves `.old-*` behind.
-    """
-    src, dst = Path(src), Path(dst)
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-    os.replace(src, dst)
-    _fsync_dir(dst.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------------
 # Run metadata
 
 
 def timed(run: Run | None, name: str):
     """`run.stage(name)`, or a block that times nothing when there is no run (library calls, tests)."""
     return run.stage(name) if run is not None else contextlib.nullcontext()
-
-
-class RunExistsError(FileExistsError):
-    """`Run.start(name=...)` on a run directory that exists, without `resume=True`."""
 
 
 def git_state(where: Path | None = None) -> tuple[str | None, bool | None]:

@@ -6,6 +6,7 @@ text. Generation goes through transformers `model.generate` (left padding, KV ca
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from alignment.models import stop_ids
@@ -80,3 +81,16 @@ def sample_responses(model, tokenizer, prompts: list[list[dict]], *, n: int = 1,
         tokenizer.padding_side = side
         model.train(was_training)
     return [[t.strip() for t in out[i * n:(i + 1) * n]] for i in range(len(prompts))]
+
+
+def sample_responses_by_length(model, tokenizer, prompts: list[list[dict]], **kw) -> list[list[str]]:
+    """`sampling.sample_responses` on the prompts sorted by length, answers returned in the input order.
+
+    Batches of similar length waste little left padding: few-shot prompts range from ~30 to ~1,250 tokens, and a
+    random batch of 64 pads every row to about its longest."""
+    order = np.argsort([len(render_prompt(tokenizer, p)) for p in prompts], kind="stable")
+    out = sample_responses(model, tokenizer, [prompts[i] for i in order], **kw)
+    answers: list[list[str]] = [[] for _ in prompts]
+    for i, a in zip(order, out, strict=True):
+        answers[i] = a
+    return answers

@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from alignment.adapters import read_adapter, split_users
+from alignment.config import AdapterData
 from alignment.records import Episode, PreferencePair
 
 # --- episodes ---------------------------------------------------------------------------------------------------
@@ -237,3 +239,38 @@ def fit_episode(tokenizer, fmt: Format, episode: Episode, max_length: int, descr
 def kept_shots(episode: Episode, k: int) -> Episode:
     """The episode as it was trained on: its first k shots."""
     return replace(episode, shots=episode.shots[:k])
+
+
+# --- users -----------------------------------------------------------------------------------------------------
+@dataclass
+class Users:
+    """Pairs by split and user, and who each user is. `shots[split]` are pools of in-context pairs; `targets[split]`
+    the pools targets come from (None: the shot pool itself). `persona[user]` is the user's description."""
+
+    shots: dict[str, dict[str, list]]
+    targets: dict[str, dict[str, list] | None]
+    persona: dict[str, str]
+
+
+def world_users(world: dict) -> Users:
+    """The world's user-disjoint splits: train episodes inside `train_context` (train queries); val and test users
+    take shots from `<split>_context` (train queries) and targets from `<split>_target` (test queries)."""
+    pairs = [as_pair(p) for p in world["pairs"]]
+    by_split = lambda s: group_by_user([p for p in pairs if p.split == s])
+    return Users(shots={s: by_split(f"{s}_context") for s in ("train", "val", "test")},
+                 targets={"train": None, "val": by_split("val_target"), "test": by_split("test_target")},
+                 persona={u["user_id"]: u["persona"] for u in world["users"]})
+
+
+def adapter_users(data: AdapterData, seed: int) -> Users:
+    """Adapter data split by user (`adapters.split_users`); shots and targets share each user's pool."""
+    adapted = read_adapter(data)
+    shots = split_users(adapted.pairs, data.users, seed)
+    return Users(shots=shots, targets=dict.fromkeys(shots), persona={u.user_id: u.persona for u in adapted.users})
+
+
+def as_pair(row: dict):
+    return PreferencePair(**{k: row[k] for k in PreferencePair.__dataclass_fields__ if k in row})
+
+
+# --- targets ----------------------------------------------------------------------------------------------------

@@ -409,7 +409,7 @@ def execute(plan: Plan, start: Callable[[list[str], dict[str, str], Path], Handl
 def main(cfg: SweepConfig) -> Path:
     from filelock import FileLock, Timeout
 
-    from alignment.runs import write_json
+    from alignment.files import write_json
 
     # --- setup: the whole plan is validated (and the launcher built) before anything is written
     try:

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from alignment.runs import atomic_write_text
+from alignment.files import atomic_write_text
 from alignment.stats import bootstrap_ci, format_ci
 
 log = logging.getLogger(__name__)

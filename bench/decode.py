@@ -34,25 +34,7 @@ least AGREEMENT (99%) of the tokens; otherwise the line says how far they agree 
 Prints ratios; throughput is generated tokens per second; each figure is the median of --repeats runs. The last
 line is one JSON object with every figure, the load average before and after, and the thread count.
 
-Measured on the idle 2-core CPU (defaults: 1 thread, fp32; 11 min), bench model: PAD with a same-size guide 2.24x
-plain, GenARM 2.14x (1/8 guide: 1.15x, 1.16x); 16 different preferences reach 96.1% (PAD) and 99.3% (Drift) of one
-shared preference; batched 4.8x / 3.9x faster than one user at a time; serving 16 users 39.2x faster than PAD's
-released loop; greedy tokens equal wherever the paths must agree. World model (trained): 2.23x, 2.15x, 93.7%,
-99.7%, 24.8x.
-
-Real model (`--models smollm2-135m-instruct`, idle 2-core CPU, 1 thread, 16 users x 32 new tokens, 2:01 in all):
-self-guided PAD takes 2.07x the time of plain decoding (47 vs 97 tok/s; its guide is the same model, so twice the
-compute); 16 different personas reach 96.2% of the throughput of 16 users sharing the median-length one; our plain
-loop writes HF generate's greedy tokens (100%).
-
-Measured on one H100 (--device cuda --dtype bfloat16 --threads 4, defaults otherwise), bench model (24.1M, guide 1/8
-is 3.1M): PAD with a same-size guide 2.02x plain, GenARM 2.00x (1/8 guide: 1.53x, 1.51x); 16 different preferences
-reach 99.3% (PAD) and 100.3% (Drift) of one shared preference; batched is 46x (PAD) / 56x (Drift) faster than one
-user at a time; serving 16 users 51.5x faster than PAD's released loop. World shape: 2.05x, 2.01x, 101.4%, 100.2%,
-81.4x. At a few ms a step a GPU step is launch-bound, so a guide of any size costs about one more forward. In bf16
-the batched and one-at-a-time greedy tokens agree on 56-92% of positions (random weights: near-ties, and padding
-changes bf16 sums); in fp32 batched users get the tokens of each user alone, and CUDA the CPU's
-(tests/test_decoding.py).
+The measured figures (CPU and H100) are in docs/experiments/decoding_bench.md.
 """
 
 import argparse
@@ -66,8 +48,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from decoding import combiners
-from decoding.generate import decode_steps
 from decoding.guides import Guide, left_pad
+from decoding.loop import decode_steps
 from decoding.processors import RuleProcessor, drift_rule, genarm_rule, pad_rule
 
 EOS, PAD = 2, 0
@@ -96,7 +78,7 @@ def params(model) -> int:
 
 def world_policy_or_random():
     """The cached default world SFT policy when it exists (no training here), else a random model of its shape."""
-    from alignment.sft import cached_policy
+    from alignment.policy import cached_policy
 
     if (cached := cached_policy(Path(__file__).resolve().parent.parent / "runs")) is not None:
         return LlamaForCausalLM.from_pretrained(cached, dtype=torch.float32).eval(), "trained world SFT policy"

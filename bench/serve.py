@@ -9,7 +9,7 @@ at its own concurrency, timed `rounds` times in alternating order with the faste
 
     serial        1 client: every request decoded alone (the baseline of `*_vs_serial`)
     clients_8/32  8 / 32 clients at once: their rows join and leave the server's running batch at every step
-    offline       `decoding.generate.decode_steps` in this process on the same requests, sorted by max_tokens into
+    offline       `decoding.loop.decode_steps` in this process on the same requests, sorted by max_tokens into
                   batches of max_batch_size, each row stopped at its own max_tokens, same seeds and thread count:
                   no HTTP, no queue (run before and after the server; the faster kept); latency = from the start
                   until its batch ends (all requests there at once)
@@ -78,7 +78,8 @@ def word_tokenizer(vocab: int):
 def cached_world_policy() -> Path | None:
     """The default world SFT policy when cached (never trained here), else the newest complete cached one."""
     from alignment.cache import is_complete
-    from alignment.sft import cached_policy, final_model
+    from alignment.policy import cached_policy
+    from alignment.training import final_model
 
     if (exact := cached_policy(ROOT / "runs")) is not None:
         return exact
@@ -253,7 +254,7 @@ def offline(policy: Path, requests: list[dict], temperature: float, args) -> dic
     each row stopped at its own max_tokens (no HTTP, no queue)."""
     from alignment.config import ModelConfig
     from alignment.models import load_causal_lm, load_tokenizer, stop_ids
-    from decoding.generate import decode_steps, encode_prompts
+    from decoding.loop import decode_steps, encode_prompts
 
     tok = load_tokenizer(policy)
     model = load_causal_lm(ModelConfig(name_or_path=str(policy), dtype=args.dtype, device=args.device), tok)

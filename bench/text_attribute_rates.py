@@ -27,7 +27,7 @@ from alignment.models import load_causal_lm, load_tokenizer, stop_ids
 from alignment.sampling import default_system, with_system_suffix
 from alignment.text_attributes import MEASURES, measure_all
 from alignment.text_users import prompt_texts
-from decoding.generate import encode_prompts, generate
+from decoding.loop import encode_prompts, generate
 
 # One system instruction per attribute of text_attributes.MEASURES ("words" and "sentence_length" share one).
 INSTRUCTIONS = {

@@ -25,10 +25,10 @@ their own models' KV caches, and every cache gains and loses the row's rows in l
 
 A batch holds at most `max_batch_size` rows and rows x context <= `max_batch_tokens`, where context is the longest
 prompt of any row (base or guide) plus its max_tokens: the longest the cache can grow to. Sampling is per row
-(`decoding.generate.pick_tokens` on uniforms that are a pure function of the row's seed and step), so a request's
+(`decoding.loop.pick_tokens` on uniforms that are a pure function of the row's seed and step), so a request's
 tokens do not depend on what else is in its batch or when it joined: greedy ones up to float noise.
 
-`Batch` is also the loop of offline decoding (`decoding.generate.decode_steps`): one decode loop for both. The
+`Batch` (decoding/loop.py) is also the loop of offline decoding (`decode_steps`): one decode loop for both. The
 measurements are in docs/experiments/serving.md.
 """
 
@@ -46,98 +46,11 @@ from typing import Any
 
 import torch
 
-from decoding.generate import pick_tokens, seed_tensor, uniforms
-from decoding.guides import Guide, left_pad
-from decoding.personalization import Guidance, Resolved, RowGroupsRule, RowTokens, build_rule
+from decoding.guides import left_pad
+from decoding.loop import Batch
+from decoding.personalization import Guidance, Resolved, RowTokens, build_rule
 
 log = logging.getLogger(__name__)
-
-
-# --- the running batch: one step of the one decode loop ---------------------------------------------------------
-class Batch:
-    """Rows decoding together: the base model's KV cache over their prompts (a `Guide`), the guidance rule over
-    the same rows, per-row temperature, top-p, seed and step count, and one `tag` per row (the caller's handle).
-
-    pick() -> (R,) tokens; advance(tokens, keep) moves rows `keep` (R,) bool on by their token and evicts the
-    others; merge(other) appends a prefilled batch's rows. A rule that cannot drop rows (a decoding.processors rule
-    built for a fixed batch) keeps finished rows in the batch reading pad instead (`done`), as offline decoding
-    always did.
-    """
-
-    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rule=None, *, tags: list,
-                 eos: int | list[int], temperature, seeds: list[int], top_p=None, min_new_tokens: int = 0,
-                 pad_token_id: int = 0, chunk: int | None = None):
-        R = len(input_ids)
-        self.base = Guide(model, input_ids, attention_mask, chunk)
-        self.rule, self.tags, self.pad = rule, tags, pad_token_id
-        dev = self.base.device
-        self.eos = torch.as_tensor([eos] if isinstance(eos, int) else list(eos), device=dev)
-        self.temperature = torch.as_tensor(temperature, dtype=torch.float32, device=dev).expand(R).clone()
-        self.top_p = None if top_p is None else torch.as_tensor(top_p, dtype=torch.float32, device=dev).expand(R)
-        self.seeds, self.steps = seed_tensor(seeds, dev), torch.zeros(R, dtype=torch.long, device=dev)
-        self.min_new = min_new_tokens  # EOS banned before this many tokens (offline benchmarks only)
-        self.evicts = rule is None or hasattr(rule, "select")
-        self.done = torch.zeros(R, dtype=torch.bool, device=dev)  # finished rows riding along (not `evicts`)
-
-    @property
-    def rows(self) -> int:
-        return len(self.tags)
-
-    def fill(self) -> bool:
-        """One prefill chunk of every model whose prompt is not all cached; True once the batch can step."""
-        done = self.base.fill()
-        return (self.rule is None or not hasattr(self.rule, "fill") or self.rule.fill()) and done
-
-    def pick(self) -> torch.Tensor:
-        scores = self.base.logits
-        if self.min_new and int(self.steps[0]) < self.min_new:  # offline batches: every row at the same step
-            scores = scores.clone()
-            scores[:, self.eos] = float("-inf")
-        if self.rule is not None:
-            scores = self.rule(scores)
-        tokens = pick_tokens(scores, self.temperature, uniforms(self.seeds, self.steps), self.top_p)
-        return tokens.masked_fill(self.done, self.pad)
-
-    def advance(self, tokens: torch.Tensor, keep: torch.Tensor) -> None:
-        """Rows `keep` read their token and stay; the others leave (or, if the rule cannot drop rows, read pad)."""
-        self.steps += 1
-        keep = keep.to(self.base.device)
-        if not self.evicts:
-            self.done |= ~keep
-            tokens = tokens.masked_fill(self.done, self.pad)
-        elif not bool(keep.all()):
-            self.select(keep.nonzero().view(-1))
-            tokens = tokens[keep]
-        if self.rows:
-            if self.rule is not None:
-                self.rule.advance(tokens)
-            self.base.advance(tokens)
-
-    def select(self, idx: torch.Tensor) -> None:
-        """Keep rows idx (n,) ascending; every cache drops the others' rows."""
-        rows = self.rows
-        self.base.select(idx)
-        if self.rule is not None:
-            self.rule.select(idx, rows)
-        self.tags = [self.tags[i] for i in idx.tolist()]
-        self.temperature, self.seeds, self.steps, self.done = (t.index_select(0, idx) for t in (
-            self.temperature, self.seeds, self.steps, self.done))
-        self.top_p = None if self.top_p is None else self.top_p.index_select(0, idx)
-
-    def merge(self, other: Batch) -> None:
-        """Append a prefilled batch's rows (the same model) after these; both must evict finished rows."""
-        offset = self.rows
-        self.base.merge(other.base)
-        if other.rule is not None:
-            self.rule = self.rule or RowGroupsRule(other.rule.g, [])
-            self.rule.merge(other.rule, offset)
-        if self.top_p is not None or other.top_p is not None:
-            ones = lambda b: b.top_p if b.top_p is not None else torch.ones_like(b.temperature)  # noqa: E731
-            self.top_p = torch.cat([ones(self), ones(other)])
-        self.tags = self.tags + other.tags
-        self.temperature, self.seeds, self.steps, self.done = (torch.cat([a, b]) for a, b in (
-            (self.temperature, other.temperature), (self.seeds, other.seeds), (self.steps, other.steps),
-            (self.done, other.done)))
 
 
 # --- requests ---------------------------------------------------------------------------------------------------

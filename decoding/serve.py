@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from alignment.config import ConfigError
-from alignment.sft import SFTConfig
+from alignment.policy import SFTConfig
 from decoding.api import (
     UINT64_MAX,
     USER_ID,
@@ -152,7 +152,7 @@ def load_server(cfg: ServeConfig) -> Server:
     from alignment.config import ModelConfig
     from alignment.model_sources import is_source
     from alignment.models import load_causal_lm, load_tokenizer, stop_ids
-    from alignment.sft import starting_policy
+    from alignment.policy import starting_policy
     from decoding.drift import load_attribute_prompts
     from decoding.personalization import Guidance
     from decoding.profiles import Profiles

@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Literal
 
 from alignment.config import AdapterData, LoraConfig
+from alignment.policy import SFTConfig
 from alignment.sampling import default_system, with_system_suffix
-from alignment.sft import SFTConfig
 from alignment.world import WorldSpec
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ def held_out_loss(model, examples: list[tuple[list[int], list[int]]], pad_id: in
     in forwards of `rows` examples: each micro-batch's mean weighted by its scored tokens."""
     import torch
 
-    from alignment.sft import collate
+    from alignment.training import collate
 
     total, tokens = 0.0, 0
     with torch.no_grad():
@@ -290,7 +290,7 @@ def train_loop(model, draw, build, chunk: int, steps: int, lr: float, cfg: Guide
     import torch
     from tqdm.auto import tqdm
 
-    from alignment.sft import lr_lambda
+    from alignment.training import lr_lambda
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
@@ -329,7 +329,7 @@ def model_config(cfg: GuidesConfig, policy: Path):
 
 def train_pad(cfg: GuidesConfig, data: GuideData, tokenizer, policy: Path, run, rows: int) -> tuple[object, dict]:
     from alignment.models import load_causal_lm
-    from alignment.sft import collate, encode
+    from alignment.training import collate, encode
 
     model = load_causal_lm(model_config(cfg, policy), tokenizer)
     examples, dropped = encode(tokenizer, data.dialogues, cfg.max_length)
@@ -440,9 +440,10 @@ def check_config(cfg: GuidesConfig) -> None:
 def main(cfg: GuidesConfig) -> Path:
     import json
 
+    from alignment.files import write_json
     from alignment.models import load_tokenizer, save_model
-    from alignment.runs import Run, seed_everything, write_json
-    from alignment.sft import starting_policy
+    from alignment.policy import starting_policy
+    from alignment.runs import Run, seed_everything
     from alignment.world import load_world, world_artifact
 
     check_config(cfg)
@@ -486,7 +487,7 @@ def guides_artifact(cfg: GuidesConfig) -> Path:
     """The guides for a config, trained once and cached under runs/cache/guides-<hash>/run (the training run itself);
     run fields (name, resume, runs_dir) do not enter the key."""
     from alignment.cache import cached_artifact
-    from alignment.sft import starting_policy
+    from alignment.policy import starting_policy
     from alignment.world import world_artifact
 
     check_config(cfg)

@@ -31,7 +31,7 @@ token; left and right padding give the same score). They differ in how the user 
 Data: a persona world (`alignment.world`: train users' `train_context` pairs train every method; seen users are
 evaluated on `train_target`, unseen users read shots from `test_context` and are evaluated on `test_target`), or
 real data through `alignment.adapters` (PRISM, PersonalLLM; users are split into seen/unseen and each user's
-prompts into context/target here). The run ends with the evaluation of `alignment/eval_rm.py`.
+prompts into context/target here). The run ends with the evaluation of `rewards/rm_eval.py`.
 
 Output: runs/<name>/<method>/model (Hugging Face classifier + tokenizer), <method>/state.json (what the scorer
 needs besides the weights: the prior for `weights`), results.json, results.md, accuracy_vs_k.png.
@@ -51,8 +51,9 @@ import numpy as np
 import torch
 
 from alignment.config import ModelConfig
-from alignment.eval_rm import RMEvalSettings
+from alignment.sampling import with_system_suffix
 from alignment.world import WorldSpec
+from rewards.rm_eval import RMEvalSettings, flipped
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +172,6 @@ def load_data(cfg: PersonaRMConfig) -> PreferenceData:
 
 
 # --- inputs -------------------------------------------------------------------------------------------------------
-def with_persona(prompt: list[dict], persona: str) -> list[dict]:
-    """The persona appended to the system turn, as the world's persona dialogues state preferences; a system turn
-    is added when the prompt has none."""
-    if prompt and prompt[0]["role"] == "system":
-        return [{"role": "system", "content": f"{prompt[0]['content']} {persona}".strip()}, *prompt[1:]]
-    return [{"role": "system", "content": persona}, *prompt]
-
-
 def conversation_ids(tokenizer, prompt: list[dict], response: str, max_length: int) -> list[int]:
     """Chat-template ids of prompt + response + EOS; an overlong prompt loses its oldest tokens."""
     from alignment.sampling import encode_example
@@ -197,12 +190,6 @@ def shot_sides(tokenizer, pair: dict, shot_tokens: int) -> tuple[list[int], list
     chosen = [t for op, i1, i2, _, _ in ops if op != "equal" for t in ids["chosen"][i1:i2]]
     rejected = [t for op, _, _, j1, j2 in ops if op != "equal" for t in ids["rejected"][j1:j2]]
     return lead + chosen[:shot_tokens], lead + rejected[:shot_tokens]
-
-
-def flipped(pair: dict) -> dict:
-    """The pair with its label flipped (chosen and rejected swapped)."""
-    return {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"],
-            "chosen_reward": pair.get("rejected_reward"), "rejected_reward": pair.get("chosen_reward")}
 
 
 # --- scoring ------------------------------------------------------------------------------------------------------
@@ -308,7 +295,7 @@ def fit(model, extra: list[torch.nn.Parameter], loss_fn, steps: int, cfg: Person
     """AdamW on the model and `extra` parameters, warmup + cosine schedule; loss_fn(rng) -> scalar loss."""
     from tqdm.auto import tqdm
 
-    from alignment.sft import lr_lambda
+    from alignment.training import lr_lambda
 
     params = [p for p in model.parameters() if p.requires_grad] + extra
     groups = [{"params": params[:len(params) - len(extra)], "lr": cfg.lr}]
@@ -344,7 +331,7 @@ def train_text(model, tokenizer, data, cfg, run, tag: str, persona: bool) -> dic
     """population (persona=False) and persona: pooled BT on every training pair."""
     rows = training_pairs(data)
     users = data.user_ids("train")
-    prompt = lambda u, p: with_persona(p["prompt"], data.users[users[u]]["persona"]) if persona else p["prompt"]
+    prompt = lambda u, p: with_system_suffix(p["prompt"], data.users[users[u]]["persona"]) if persona else p["prompt"]
     encoded = [[conversation_ids(tokenizer, prompt(u, p), p[s], cfg.max_length) for s in ("chosen", "rejected")]
                for u, p in rows]
 
@@ -444,7 +431,7 @@ class TextScorer:
         seqs = []
         for r in requests:
             for p in r.targets:
-                prompt = with_persona(p["prompt"], r.persona) if self.persona else p["prompt"]
+                prompt = with_system_suffix(p["prompt"], r.persona) if self.persona else p["prompt"]
                 seqs += [conversation_ids(self.tok, prompt, p[s], self.cfg.max_length) for s in ("chosen", "rejected")]
         scores = torch.cat([score(self.model, seqs[i:i + self.batch], self.tok.pad_token_id)[:, 0]
                             for i in range(0, len(seqs), self.batch)]).cpu().numpy()
@@ -563,9 +550,10 @@ def make_scorer(method: str, model, tokenizer, cfg: PersonaRMConfig, state: dict
 
 # --- entry point --------------------------------------------------------------------------------------------------
 def main(cfg: PersonaRMConfig) -> Path:
-    from alignment.eval_rm import evaluate, write_report
+    from alignment.files import write_json
     from alignment.models import load_sequence_classifier, load_tokenizer, pretrained_path, save_model
-    from alignment.runs import Run, seed_everything, write_json
+    from alignment.runs import Run, seed_everything
+    from rewards.rm_eval import evaluate, write_report
 
     for method in cfg.methods:
         if method not in METHODS:

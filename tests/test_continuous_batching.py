@@ -14,8 +14,9 @@ import torch
 from transformers import LlamaForSequenceClassification
 
 from decoding.guides import CachedSequenceReward, Guide, RecomputeReward, classifier_reward, left_pad, positions
+from decoding.loop import Batch
 from decoding.personalization import Guidance, build_rule, encode_rows, resolve
-from decoding.scheduler import Batch, Engine, Job, Row
+from decoding.scheduler import Engine, Job, Row
 from tests.conftest import WORDS, build_tiny_tokenizer
 from tests.test_serve import DRIFT, tiny_config, tiny_lm
 

@@ -18,8 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from decoding import combiners
 from decoding.drift import centred_cosines, fit_weights
-from decoding.generate import generate, pick_tokens, seed_tensor, uniforms
 from decoding.guides import CachedSequenceReward, Guide, RecomputeReward, classifier_reward, left_pad, positions
+from decoding.loop import generate, pick_tokens, seed_tensor, uniforms
 from decoding.processors import RuleProcessor, args_rule, drift_rows, drift_rule, genarm_rule, pad_rule
 
 V = 47  # tests/conftest.py's tiny vocabulary; <pad> = 0, </s> = 2

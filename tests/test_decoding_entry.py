@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from alignment.sft import SFTConfig
+from alignment.policy import SFTConfig
 from alignment.world import WorldSpec
 from decoding.generate import DecodeConfig, DriftSettings
 from rewards.guides import ARMSettings, GuidesConfig, PADGuideSettings, RMSettings

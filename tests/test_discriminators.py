@@ -19,6 +19,7 @@ from alignment import language as lang
 from alignment.config import ModelConfig
 from alignment.world import WorldSpec, build_world, load_world
 from rewards import train
+from rewards.apc_data import make_examples, natural_nli_examples
 from rewards.discriminators import (
     CLASSIFIERS,
     SETS,
@@ -27,7 +28,6 @@ from rewards.discriminators import (
     discriminators_artifact,
     load_scorer,
     main,
-    make_examples,
     recall_metrics,
     world_nli_text,
     world_relevance_text,
@@ -116,8 +116,6 @@ def test_nli_examples_are_balanced_minimal_triples_labelled_by_the_oracle(world)
 
 
 def test_natural_nli_examples_are_every_statement_against_one_response_labelled_by_the_oracle(world):
-    from rewards.discriminators import natural_nli_examples
-
     groups = natural_nli_examples(world, "holdout", 40, seed=3)
     names = {c["name"]: c for c in world["characters"] if c["split"] == "holdout"}
     asserts = {s["text"]: (s["slot"], s["value"]) for c in world["characters"] for s in c["statements"]}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from alignment.dpo import DPOConfig, main
-from alignment.sft import SFTConfig
+from alignment.policy import SFTConfig
 from alignment.world import WorldSpec
 from rewards.discriminators import DiscriminatorConfig
 
@@ -85,8 +85,8 @@ def test_oracle_judge_ranks_pairs_by_the_true_apc(monkeypatch, tmp_path):
     from alignment import language as lang
     from alignment import people, sampling
     from alignment.dpo import build_pairs, select_queries
-    from alignment.oracle import OracleAPCScorer, oracle_apc
     from alignment.world import load_world, world_artifact
+    from rewards.apc_eval import OracleAPCScorer, oracle_apc
 
     world = load_world(world_artifact(SMALL, tmp_path))
     cfg = replace(tiny_config(tmp_path), train_queries=6, margin=0.5)

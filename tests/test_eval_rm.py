@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from alignment.eval_rm import (
+from rewards.persona_rm import PreferenceData
+from rewards.rm_eval import (
     RMEvalSettings,
     accuracy,
     bayes_ceiling,
@@ -21,7 +22,6 @@ from alignment.eval_rm import (
     plot_accuracy_vs_k,
     true_preference,
 )
-from rewards.persona_rm import PreferenceData
 
 
 # --- worked numbers -----------------------------------------------------------------------------------------------

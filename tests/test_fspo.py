@@ -1,4 +1,4 @@
-"""FSPO (alignment/fspo.py, alignment/eval_fspo.py): the shared-prompt log-probs against a full recompute, batches,
+"""FSPO (alignment/fspo.py, alignment/fspo_eval.py): the shared-prompt log-probs against a full recompute, batches,
 user splits, on-policy targets, reference log-probs computed once, exact resume, the entry point on the world and
 on the FSPO Roleplay/ELIX/Review fixtures through the adapters, and the held-out-user evaluation."""
 
@@ -12,7 +12,6 @@ import torch
 
 from alignment.adapters import split_counts
 from alignment.config import AdapterData, ModelConfig
-from alignment.eval_fspo import EvalSettings, attribute_space, posterior_mean, true_reward_fn, win_rates
 from alignment.fspo import (
     FSPOConfig,
     bucketed_order,
@@ -21,6 +20,7 @@ from alignment.fspo import (
     shared_prompt_logps,
     token_counts,
 )
+from alignment.fspo_eval import EvalSettings, attribute_space, posterior_mean, true_reward_fn, win_rates
 from alignment.records import Episode, PreferencePair
 from alignment.shots import Encoded
 from alignment.world import WorldSpec
@@ -235,7 +235,7 @@ def test_training_uses_train_users_caches_reference_once_and_updates_every_param
                                                                                      tmp_path, monkeypatch):
     import alignment.fspo as fspo
     from alignment.records import read_jsonl
-    from alignment.sft import final_model
+    from alignment.training import final_model
     from alignment.world import load_world
 
     calls = []
@@ -265,7 +265,7 @@ def test_resume_replays_the_uninterrupted_run(world_dir, world_policy, tmp_path)
     import shutil
 
     import alignment.fspo as fspo
-    from alignment.sft import final_model
+    from alignment.training import final_model
 
     cfg = world_cfg(world_dir, world_policy, tmp_path, name="full")
     full = fspo.main(cfg)

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from alignment.sampling import with_system_suffix
 from rewards import user_weights as uw
 from rewards.persona_rm import (
     PersonaRMConfig,
     conversation_ids,
-    flipped,
     from_adapter,
     kernel_margins,
     pad,
@@ -28,8 +28,8 @@ from rewards.persona_rm import (
     score_in_context,
     shot_sides,
     shot_vectors,
-    with_persona,
 )
+from rewards.rm_eval import flipped
 
 FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
 
@@ -133,8 +133,9 @@ def test_a_shot_keeps_only_the_tokens_where_the_responses_differ(tok):
 
 def test_persona_goes_into_the_system_turn():
     prompt = [{"role": "system", "content": "i live in lyon ."}, {"role": "user", "content": "hello"}]
-    assert with_persona(prompt, "the user likes jokes .")[0]["content"] == "i live in lyon . the user likes jokes ."
-    assert with_persona(prompt[1:], "p")[0] == {"role": "system", "content": "p"}
+    joined = with_system_suffix(prompt, "the user likes jokes .")[0]["content"]
+    assert joined == "i live in lyon . the user likes jokes ."
+    assert with_system_suffix(prompt[1:], "p")[0] == {"role": "system", "content": "p"}
     assert prompt[0]["content"] == "i live in lyon ."  # not mutated
 
 
@@ -212,8 +213,8 @@ def test_kernel_margins_read_the_users_weights_off_the_shots():
 
 
 def test_kernel_scorer_gives_the_training_margins(classifier, tok):
-    from alignment.eval_rm import Request
     from rewards.persona_rm import ShotScorer
+    from rewards.rm_eval import Request
 
     cfg = PersonaRMConfig(shot_readout="kernel", max_length=64)
     shots = [_pair("hey ! i live in lyon !", "i live in paris ."), _pair("good day .", "hey .")]
@@ -256,8 +257,8 @@ def test_personal_llm_fixture_uses_the_dataset_split_for_context_and_target():
 
 # --- entry point --------------------------------------------------------------------------------------------------
 def _tiny_run_config(tiny_model_config, runs_dir, **kw) -> PersonaRMConfig:
-    from alignment.eval_rm import RMEvalSettings
     from rewards.persona_rm import METHODS
+    from rewards.rm_eval import RMEvalSettings
 
     return PersonaRMConfig(runs_dir=str(runs_dir), model=replace(tiny_model_config, max_positions=512),
                            steps={m: 3 for m in METHODS}, batch_pairs=4, episode_users=2, episode_targets=2, k_max=3,

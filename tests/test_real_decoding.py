@@ -16,8 +16,8 @@ from alignment.config import ConfigError
 from alignment.models import save_model, stop_ids
 from alignment.sampling import default_system
 from decoding.drift import load_attribute_prompts
-from decoding.generate import encode_prompts, generate
 from decoding.guides import Guide, left_pad, load_guide
+from decoding.loop import encode_prompts, generate
 from decoding.personalization import Guidance, build_rule, context_text, encode_rows, fit_profile_weights, resolve
 from tests.conftest import build_tiny_tokenizer
 

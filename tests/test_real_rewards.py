@@ -16,7 +16,7 @@ import torch
 
 from alignment.config import ConfigError, ModelConfig, load_config
 from alignment.models import load_causal_lm, load_sequence_classifier, load_tokenizer
-from alignment.sft import collate
+from alignment.training import collate
 from rewards.guides import GuidesConfig, accumulate, check_base, held_out_loss, rows_per_forward, sequence_rewards
 
 REAL = "smollm2-135m-instruct"

@@ -18,8 +18,8 @@ import torch
 from alignment.config import load_config
 from alignment.models import stop_ids
 from decoding.drift import load_attribute_prompts
-from decoding.generate import generate
 from decoding.guides import left_pad
+from decoding.loop import generate
 from decoding.personalization import Guidance, build_rule, encode_rows, resolve
 from decoding.serve import ServeConfig
 from tests.test_serve import free_port
@@ -103,7 +103,7 @@ def test_openai_client_gets_english_that_stops_at_eos_streams_and_is_personalize
 
 
 def offline(real_lm, method: str) -> str:
-    """The same request decoded in this process by `decoding.generate.generate` with the real config's settings."""
+    """The same request decoded in this process by `decoding.loop.generate` with the real config's settings."""
     model, tok = real_lm
     cfg = load_config(ServeConfig, ["config=real/serve.yaml"])
     g = Guidance(tok, model, {}, load_attribute_prompts(cfg.drift_prompts), cfg.drift_guide,

@@ -13,7 +13,7 @@ from alignment.config import AdapterData, ConfigError, LoraConfig, ModelConfig, 
 from alignment.logps import build_pair_batch
 from alignment.models import load_causal_lm, load_tokenizer, same_vocabulary, stop_ids
 from alignment.sampling import encode_example, render_prompt
-from alignment.sft import collate
+from alignment.training import collate
 from tests.conftest import REAL, build_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,7 +157,8 @@ def test_world_scored_table_of_non_world_text_says_it_is_void():
 def test_real_configs_load(name):
     from alignment.config import load_config
 
-    schema = {"sft": "alignment.sft:SFTConfig", "dpo": "alignment.dpo:DPOConfig", "fspo": "alignment.fspo:FSPOConfig"}
+    schema = {"sft": "alignment.policy:SFTConfig", "dpo": "alignment.dpo:DPOConfig",
+              "fspo": "alignment.fspo:FSPOConfig"}
     module, cls = schema[name].split(":")
     cfg = load_config(getattr(__import__(module, fromlist=[cls]), cls), [f"config=real/{name}.yaml"])
     assert REAL in (getattr(cfg, "policy", None), getattr(getattr(cfg, "model", None), "preset", None))

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from alignment import runs
-from alignment.config import load_config
-from alignment.runs import Run, RunExistsError, atomic_write_bytes, git_state, seed_everything, write_json
+from alignment.config import RunExistsError, load_config
+from alignment.files import atomic_write_bytes, write_json
+from alignment.runs import Run, git_state, seed_everything
 
 
 @dataclass

@@ -244,7 +244,7 @@ def test_greedy_request_gets_the_same_tokens_alone_as_batched_beside_other_users
 
 # --- the hooks of decoding/generate.py the server decodes through ----------------------------------------------------
 def test_nucleus_worked_example():
-    from decoding.generate import nucleus
+    from decoding.loop import nucleus
 
     scores = torch.tensor([[0.5, 0.3, 0.2]]).log().expand(4, 3)  # mass above each token: 0, 0.5, 0.8
     kept = torch.isfinite(nucleus(scores, torch.tensor([0.5, 0.6, 0.81, 1.0])))
@@ -252,7 +252,7 @@ def test_nucleus_worked_example():
 
 
 def test_per_row_temperature_samples_like_the_scalar_path_and_zero_rows_take_the_argmax():
-    from decoding.generate import pick_tokens, seed_tensor, uniforms
+    from decoding.loop import pick_tokens, seed_tensor, uniforms
 
     scores = torch.randn(3, 47, generator=torch.Generator().manual_seed(0))
     noise = uniforms(seed_tensor([1, 2, 3]), torch.zeros(3, dtype=torch.long))
@@ -264,8 +264,8 @@ def test_per_row_temperature_samples_like_the_scalar_path_and_zero_rows_take_the
 
 
 def test_sending_rows_to_decode_steps_finishes_them_and_leaves_the_others_alone(server):
-    from decoding.generate import decode_steps, generate
     from decoding.guides import left_pad
+    from decoding.loop import decode_steps, generate
 
     ids, mask = left_pad([[4, 5, 6], [7, 8], [9, 10, 11, 12]], 0)
     kw = dict(max_new_tokens=6, eos_token_id=2, pad_token_id=0)

@@ -1,6 +1,6 @@
 import numpy as np
 
-from alignment.sft import batch_indices
+from alignment.training import batch_indices
 
 
 def test_batches_are_a_function_of_seed_and_step():

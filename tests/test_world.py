@@ -94,7 +94,7 @@ def test_statements_and_queries_parse_back_to_their_slot():
 
 
 def test_oracle_scorer_is_the_oracle_apc_in_the_scorer_interface():
-    from alignment.oracle import OracleAPCScorer, oracle_apc
+    from rewards.apc_eval import OracleAPCScorer, oracle_apc
 
     character = {"statements": [{"slot": "home", "value": "lyon"}, {"slot": "opinion:rain", "value": "like"},
                                 {"slot": "job", "value": "baker"}]}
