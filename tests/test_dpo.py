@@ -150,14 +150,14 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(runs, tmp_path):
 # file, then a wait for SIGKILL, so the test kills the process inside the write window every time.
 KILLED_MID_WRITE = """
 import os, sys, time
-from alignment import dpo, runs
+from alignment import dpo, files, runs
 from alignment.config import run_cli
 
 write = runs.atomic_write_bytes
 
 def halfway(path, data):
     if str(path).endswith("ref_logps.safetensors"):
-        with runs._atomic_open(path, "wb") as f:
+        with files._atomic_open(path, "wb") as f:
             f.write(data[:len(data) // 2])
             f.flush()
             open(os.environ["MARKER"], "w").close()

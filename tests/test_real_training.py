@@ -96,12 +96,13 @@ def test_same_vocabulary_tells_world_from_real(real_lm):
 def test_lora_sft_checkpoint_reloads_as_policy_and_dpo_continues(tmp_path, real_lm):
     import alignment.dpo as dpo
     import alignment.sft as sft
+    from alignment.training import final_model
 
     prism = AdapterData(adapter="prism", source=str(FIXTURES / "prism"))
     run = sft.main(sft.SFTConfig(model=ModelConfig(preset=REAL, lora=LORA, dtype="float32", device="cpu"),
                                  pairs=prism, steps=3, batch_size=2, lr=1e-3, warmup=1, max_length=128,
                                  checkpoint_every=3, log_every=1, runs_dir=str(tmp_path)))
-    checkpoint = sft.final_model(run)
+    checkpoint = final_model(run)
     assert (checkpoint / "adapter_config.json").is_file()  # a LoRA run checkpoints its adapter (~1 MB)
     results = json.loads((run / "results.json").read_text())["held_out"]["held_out_nll"]
     assert results["before"] > 0 and results["after"] < results["before"]  # it learned something about PRISM
